@@ -1,0 +1,84 @@
+"""The augmentation recipe as data.
+
+A `ViewSpec` says what one view of an image looks like: crop, flip, photometric ops with their
+probabilities, normalisation. Pipelines (torchvision, tensor, DALI, FFCV) compile the same spec;
+methods ask for views by role (a dict such as {"weak": ..., "strong": ...}, multi-crop adds "crop1", ...)
+and never see which pipeline made them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    size: int  # output side in pixels (square)
+    crop_scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop area fraction
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip_p: float = 0.5
+    # colour jitter strengths (brightness, contrast, saturation, hue) as in torchvision ColorJitter
+    jitter: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
+    jitter_p: float = 0.0
+    grayscale_p: float = 0.0
+    blur_p: float = 0.0
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    solarize_p: float = 0.0
+    solarize_threshold: float = 0.5  # on [0, 1] intensities (128/255 for uint8 is the papers' value)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self):
+        lo, hi = self.crop_scale
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"crop_scale {self.crop_scale} must satisfy 0 < lo <= hi <= 1")
+        for name in ("flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p"):
+            p = getattr(self, name)
+            if not 0 <= p <= 1:
+                raise ValueError(f"{name}={p} is not a probability")
+        if self.size < 8:
+            raise ValueError(f"view size {self.size} is too small (min 8 px)")
+
+    @property
+    def blur_kernel(self) -> int:
+        """Odd kernel side, ~10% of the view (23 px at 224 as in MoCo v2 / SimCLR)."""
+        return max(3, int(0.1 * self.size) // 2 * 2 + 1)
+
+    @property
+    def is_photometric(self) -> bool:
+        return self.jitter_p > 0 or self.grayscale_p > 0 or self.blur_p > 0 or self.solarize_p > 0
+
+
+def weak(size: int, **kw) -> ViewSpec:
+    """ReSSL/ISD/ReSA teacher view: random resized crop (0.2, 1) + horizontal flip, nothing else."""
+    return ViewSpec(size=size, **kw)
+
+
+def strong(size: int, blur_p: float = 0.5, **kw) -> ViewSpec:
+    """MoCo v2 recipe: crop (0.2, 1), jitter (0.4, 0.4, 0.4, 0.1) p 0.8, grayscale 0.2, blur p, flip."""
+    return ViewSpec(size=size, jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, grayscale_p=0.2, blur_p=blur_p, **kw)
+
+
+def resa_strong(size: int, blur_p: float = 0.5, **kw) -> ViewSpec:
+    """ReSA x1: jitter (0.4, 0.4, 0.2, 0.1) p 0.8, grayscale 0.2, blur p, solarize 0.2, flip."""
+    return ViewSpec(size=size, jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, grayscale_p=0.2, blur_p=blur_p,
+                    solarize_p=0.2, **kw)
+
+
+# ReSSL multi-crop on ImageNet: sizes and crop scales of the 5 student crops (the first is the 224 view).
+MULTI_CROP_224 = ((224, (0.2, 1.0)), (192, (0.172, 0.86)), (160, (0.143, 0.715)),
+                  (128, (0.114, 0.571)), (96, (0.086, 0.429)))
+
+
+def multi_crop(base: ViewSpec, n_crops: int = 5) -> list[ViewSpec]:
+    """The student's crops for multi-crop: sizes and scales of ReSSL's ImageNet set, scaled to `base.size`."""
+    if not 1 <= n_crops <= len(MULTI_CROP_224):
+        raise ValueError(f"n_crops={n_crops} must be in 1..{len(MULTI_CROP_224)}")
+    out = []
+    for size, scale in MULTI_CROP_224[:n_crops]:
+        side = max(8, round(size * base.size / 224))
+        out.append(replace(base, size=side, crop_scale=scale))
+    return out

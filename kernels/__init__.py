@@ -1,0 +1,5 @@
+"""Loss kernels: pure functions of torch tensors, each fast path beside its exact reference."""
+
+from .relational import relational_loss, relational_loss_reference
+
+__all__ = ["relational_loss", "relational_loss_reference"]
