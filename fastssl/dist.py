@@ -1,0 +1,36 @@
+"""The few torch.distributed helpers the trainer needs; every function is a no-op in one process."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as td
+
+
+def is_dist() -> bool:
+    return td.is_available() and td.is_initialized()
+
+
+def rank() -> int:
+    return td.get_rank() if is_dist() else 0
+
+
+def world_size() -> int:
+    return td.get_world_size() if is_dist() else 1
+
+
+def init_from_env(device: torch.device) -> None:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1): NCCL on CUDA, gloo on CPU."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not is_dist():
+        td.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+
+@torch.no_grad()
+def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate x from every rank along dim 0, in rank order (no gradient)."""
+    if not is_dist():
+        return x
+    out = [torch.empty_like(x) for _ in range(world_size())]
+    td.all_gather(out, x.contiguous())
+    return torch.cat(out)

@@ -1,0 +1,60 @@
+"""What the loop knows of a method: its views, its step, its teacher, its encoder.
+
+A method is one small module: it declares the views it wants (by role), builds its heads and teacher,
+computes the loss from a batch of views, and keeps its own state (EMA teacher, queue) in its
+`state_dict`. The loop never looks inside.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import torch
+import torch.nn as nn
+
+from ..config import TrainConfig
+from ..views import ViewSpec
+
+
+class Method(nn.Module):
+    name: ClassVar[str]
+    backprops_per_image: ClassVar[int]  # student backward passes per image: the "1x vs 2x" cost
+
+    @staticmethod
+    def defaults(small: bool) -> dict:
+        """Recipe values for the TrainConfig fields left at None (small: images of at most 64 px)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def views(cfg: TrainConfig, size: int, mean, std) -> dict[str, ViewSpec]:
+        """The views of one image, by role; pipelines deliver a batch of each under the same keys."""
+        raise NotImplementedError
+
+    def __init__(self, cfg: TrainConfig, backbone: nn.Module):
+        super().__init__()
+        self.cfg = cfg
+        self.distributed_student: nn.Module | None = None  # a DDP wrapper of `student`, kept outside the state
+
+    def step(self, views: dict[str, torch.Tensor], progress: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Forward pass and loss for one batch; `progress` in [0, 1) drives schedules (EMA momentum)."""
+        raise NotImplementedError
+
+    def after_step(self) -> None:
+        """State updates that must follow the optimiser step (e.g. enqueue the teacher's keys)."""
+
+    def encoder(self) -> nn.Module:
+        """The backbone to evaluate and export."""
+        return self.student[0]
+
+    def student_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.distributed_student or self.student)(x)
+
+    def trainable(self) -> nn.Module:
+        """The module whose parameters the optimiser updates (wrapped in DDP under torchrun)."""
+        return self.student
+
+
+def cosine_momentum(base: float, progress: float) -> float:
+    """BYOL's schedule: base at the start, 1 at the end."""
+    return 1 - (1 - base) * (math.cos(math.pi * progress) + 1) / 2

@@ -1,0 +1,58 @@
+"""ReSSL: the student matches the teacher's sharpened similarity distribution over a queue of anchors.
+
+Student sees the strong view, the EMA teacher the weak view (crop + flip); both are compared with a FIFO
+queue of past teacher embeddings; the teacher's embeddings are enqueued after the loss. 1x backprop.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..kernels import relational_loss
+from ..models import ema_update, mlp
+from ..queue import EmbeddingQueue
+from ..views import strong, weak
+from . import register
+from .base import Method
+
+
+@register
+class ReSSL(Method):
+    name = "ressl"
+    backprops_per_image = 1
+
+    @staticmethod
+    def defaults(small: bool) -> dict:
+        return dict(lr=0.06 if small else 0.05, weight_decay=5e-4 if small else 1e-4, warmup_epochs=5,
+                    final_lr_ratio=0.0, queue_size=4096 if small else 131072, tau_s=0.1, tau_t=0.04,
+                    momentum=0.99 if small else 0.999, proj_hidden=2048 if small else 4096,
+                    proj_dim=128 if small else 512)
+
+    @staticmethod
+    def views(cfg, size, mean, std):
+        blur_p = 0.0 if size <= 64 else 0.5  # the CIFAR recipes drop blur
+        return {"weak": weak(size, mean=mean, std=std), "strong": strong(size, blur_p=blur_p, mean=mean, std=std)}
+
+    def __init__(self, cfg, backbone):
+        super().__init__(cfg, backbone)
+        self.student = nn.Sequential(backbone, mlp([backbone.out_dim, cfg.proj_hidden, cfg.proj_dim]))
+        self.teacher = copy.deepcopy(self.student).requires_grad_(False)
+        self.queue = EmbeddingQueue(cfg.queue_size, cfg.proj_dim, seed=cfg.seed)
+        self._keys: torch.Tensor | None = None
+
+    def step(self, views, progress):
+        ema_update(self.teacher, self.student, self.cfg.momentum)  # before the teacher forward, as the papers do
+        with torch.no_grad():
+            k = F.normalize(self.teacher(views["weak"]).float(), dim=1)
+        q = F.normalize(self.student_forward(views["strong"]).float(), dim=1)
+        loss = relational_loss(q, k, self.queue.rows, self.cfg.tau_s, self.cfg.tau_t)
+        self._keys = k
+        return loss, {}
+
+    def after_step(self):
+        self.queue.enqueue(self._keys)  # after the loss: a sample is never its own anchor
+        self._keys = None

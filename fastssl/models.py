@@ -1,0 +1,121 @@
+"""Backbones (torchvision ResNets), MLP heads, split BatchNorm and the EMA teacher update."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torchvision.models import resnet
+from torchvision.models.resnet import BasicBlock, Bottleneck
+
+from .errors import UserError
+
+ARCHS = {"resnet18": (BasicBlock, [2, 2, 2, 2]), "resnet34": (BasicBlock, [3, 4, 6, 3]),
+         "resnet50": (Bottleneck, [3, 4, 6, 3])}
+ARCH_HELP = "resnet18 | resnet34 | resnet50, optionally narrowed: resnet18-w16 (base width 16 instead of 64)"
+SMALL_IMAGE_MAX = 64  # inputs up to this side get the CIFAR stem: 3x3 stride-1 conv1, no max-pool
+
+
+class _NarrowResNet(resnet.ResNet):
+    """torchvision's ResNet with every stage's width scaled by width/64 (same blocks, same init)."""
+
+    def __init__(self, block, layers, width: int):
+        self._scale = width / 64
+        super().__init__(block, layers)
+
+    def _make_layer(self, block, planes, blocks, stride=1, dilate=False):
+        if planes == 64:  # the first stage: its input is the (narrowed) stem
+            self.inplanes = int(64 * self._scale)
+        return super()._make_layer(block, int(planes * self._scale), blocks, stride, dilate)
+
+
+def build_backbone(arch: str, image_size: int) -> nn.Module:
+    """A torchvision ResNet returning pooled features; `.out_dim` is their width.
+
+    Inputs of at most 64 px get the small-image stem (3x3 stride-1 conv1, no max-pool), as in the CIFAR
+    recipes of every paper here.
+    """
+    m = re.fullmatch(r"(resnet\d+)(?:-w(\d+))?", arch)
+    if not m or m.group(1) not in ARCHS or (m.group(2) and not 4 <= int(m.group(2)) <= 256):
+        raise UserError(f"unknown arch {arch!r}; choose {ARCH_HELP}")
+    block, layers = ARCHS[m.group(1)]
+    width = int(m.group(2) or 64)
+    net = _NarrowResNet(block, layers, width) if width != 64 else resnet.ResNet(block, layers)
+    if image_size <= SMALL_IMAGE_MAX:
+        net.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
+        net.maxpool = nn.Identity()
+    elif width != 64:
+        net.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
+    nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
+    net.bn1 = nn.BatchNorm2d(width)
+    net.out_dim = net.fc.in_features
+    net.fc = nn.Identity()
+    return net
+
+
+def mlp(dims: list[int], hidden_bn: bool = False, last_bn: bool = False) -> nn.Sequential:
+    """Linear layers with ReLU between (and BN before each ReLU if hidden_bn); last_bn adds a non-affine BN."""
+    layers: list[nn.Module] = []
+    pairs = list(zip(dims[:-1], dims[1:]))
+    for i, (a, b) in enumerate(pairs):
+        last = i == len(pairs) - 1
+        layers.append(nn.Linear(a, b, bias=not (last_bn if last else hidden_bn)))  # no bias right before a BN
+        if not last:
+            layers += [nn.BatchNorm1d(b), nn.ReLU(inplace=True)] if hidden_bn else [nn.ReLU(inplace=True)]
+    if last_bn:
+        layers.append(nn.BatchNorm1d(dims[-1], affine=False))
+    return nn.Sequential(*layers)
+
+
+class SplitBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm whose training statistics come from `splits` groups of the batch.
+
+    One process sees the whole batch; the papers' single-GPU recipes split BN statistics into groups to
+    mimic per-GPU BN (MoCo's shuffle-BN), which stops the batch statistics leaking across samples.
+    The batch must be a multiple of `splits`. In eval it is a plain BatchNorm2d.
+    """
+
+    def __init__(self, num_features: int, splits: int, **kw):
+        super().__init__(num_features, **kw)
+        self.splits = splits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        if not self.training or self.splits == 1:
+            return super().forward(x)
+        g = self.splits
+        if n % g:
+            raise ValueError(f"batch {n} is not a multiple of the {g} BatchNorm splits")
+        mean_g, var_g = self.running_mean.repeat(g), self.running_var.repeat(g)
+        # samples n = (n // g, n % g): group n % g becomes a block of channels of one BN call
+        out = F.batch_norm(x.reshape(n // g, g * c, h, w), mean_g, var_g, self.weight.repeat(g),
+                           self.bias.repeat(g), True, self.momentum, self.eps)
+        with torch.no_grad():
+            self.running_mean.copy_(mean_g.view(g, c).mean(0))
+            self.running_var.copy_(var_g.view(g, c).mean(0))
+            self.num_batches_tracked += 1
+        return out.reshape(n, c, h, w)
+
+
+def split_batchnorm(module: nn.Module, splits: int) -> nn.Module:
+    """Replace every BatchNorm2d in `module` by a SplitBatchNorm2d with the same state."""
+    if splits <= 1:
+        return module
+    for name, child in module.named_children():
+        if type(child) is nn.BatchNorm2d:
+            new = SplitBatchNorm2d(child.num_features, splits, eps=child.eps, momentum=child.momentum)
+            new.load_state_dict(child.state_dict())
+            setattr(module, name, new)
+        else:
+            split_batchnorm(child, splits)
+    return module
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """teacher <- m * teacher + (1 - m) * student, over parameters (buffers follow the teacher's own forwards)."""
+    t = [p for p in teacher.parameters()]
+    s = [p.detach() for p in student.parameters()]
+    torch._foreach_lerp_(t, s, 1.0 - momentum)

@@ -1,0 +1,36 @@
+"""FIFO queue of unit-norm teacher embeddings (ReSSL/ISD anchors, MoCo negatives)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import dist
+
+
+class EmbeddingQueue(nn.Module):
+    """Ring buffer [size, dim] of unit-norm rows. `enqueue` overwrites the oldest rows, wrapping around.
+
+    Contents and pointer are buffers, so they travel with `state_dict` (checkpoints resume exactly).
+    Under DDP every rank enqueues the all-gathered batch, so all ranks hold the same queue.
+    """
+
+    def __init__(self, size: int, dim: int, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.register_buffer("rows", F.normalize(torch.randn(size, dim, generator=g), dim=1))
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+
+    def __len__(self) -> int:
+        return self.rows.shape[0]
+
+    @torch.no_grad()
+    def enqueue(self, x: torch.Tensor) -> None:
+        x = dist.all_gather_cat(x.detach()).to(self.rows.dtype)
+        size, n = len(self), x.shape[0]
+        if n >= size:  # a batch at least as long as the queue: keep its last rows
+            x, n = x[-size:], size
+        idx = (self.ptr + torch.arange(n, device=x.device)) % size
+        self.rows.index_copy_(0, idx, x)
+        self.ptr.copy_((self.ptr + n) % size)

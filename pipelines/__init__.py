@@ -1,0 +1,28 @@
+"""Pipelines turn a data set and a method's view specs into batches of views on the training device.
+
+A pipeline knows ViewSpecs and devices, never methods.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastssl.data import ImageSet
+from fastssl.errors import UserError
+from fastssl.views import ViewSpec
+
+from .common import Loader
+
+KINDS = ("torch",)
+
+
+def build(kind: str, images: ImageSet, views: dict[str, ViewSpec], *, batch_size: int, device: torch.device,
+          workers: int = 2, seed: int = 0, rank: int = 0, world: int = 1, channels_last: bool = True) -> Loader:
+    if kind not in KINDS:
+        raise UserError(f"unknown pipeline {kind!r}; choose {' | '.join(KINDS)}")
+    if len(images) // world < batch_size:
+        raise UserError(f"batch size {batch_size} is larger than the {len(images) // world} training images "
+                        f"per process in {images.root}; lower --batch-size")
+    from .torch_loader import TorchLoader
+    return TorchLoader(images, views, batch_size=batch_size, device=device, workers=workers, seed=seed,
+                       rank=rank, world=world, channels_last=channels_last)

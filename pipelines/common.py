@@ -1,0 +1,40 @@
+"""What every pipeline shares: the loader interface, seeding and the final normalisation on the device."""
+
+from __future__ import annotations
+
+from typing import Iterator, Protocol
+
+import torch
+
+from fastssl.views import ViewSpec
+
+
+class Loader(Protocol):
+    """Yields exact epochs of batches: {role: float [B,3,H,W] normalised on the device, "label": int64 [B]}."""
+
+    batch_size: int  # per rank
+
+    def __len__(self) -> int: ...  # batches per epoch
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[dict[str, torch.Tensor]]: ...
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A seed per (run, epoch, sample): augmentations do not depend on workers, order or resumption."""
+    return ((seed * 1_000_003 + epoch) * 1_000_000_007 + index) % (2**63 - 1)
+
+
+def epoch_indices(n: int, batch_size: int, epoch: int, seed: int, rank: int = 0, world: int = 1) -> torch.Tensor:
+    """This rank's sample indices for one epoch: a fresh permutation, sharded by rank, whole batches only."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(sample_seed(seed, epoch, -1)))
+    per_rank = n // world // batch_size * batch_size
+    return perm[rank::world][:per_rank]
+
+
+def normalize(x: torch.Tensor, spec: ViewSpec, device: torch.device, channels_last: bool) -> torch.Tensor:
+    """uint8 [B,3,H,W] (any device) -> float [B,3,H,W] on `device`, (x/255 - mean) / std."""
+    x = x.to(device, non_blocking=True)
+    mean = torch.tensor(spec.mean, device=device).view(1, 3, 1, 1) * 255
+    inv_std = 1 / (torch.tensor(spec.std, device=device).view(1, 3, 1, 1) * 255)
+    x = (x.float() - mean) * inv_std
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
