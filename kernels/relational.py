@@ -11,8 +11,14 @@ Softmaxes are computed in fp32 whatever the input dtype: exp(1/0.01) overflows f
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 import torch.nn.functional as F
+
+from .relational_cpu import relational_loss_cpu
+
+TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, tau_s: float, tau_t: float):
@@ -35,19 +41,32 @@ def relational_loss_reference(q, k, queue, tau_s: float, tau_t: float, reduction
     return per_row.mean() if reduction == "mean" else per_row
 
 
-_IMPLS = {"reference": relational_loss_reference}
+def _relational_loss_triton(q, k, queue, tau_s: float, tau_t: float, reduction: str = "mean"):
+    """The kernels of relational_triton.py, imported on first use: triton is optional on CPU machines."""
+    if not TRITON_AVAILABLE:
+        raise ValueError("impl='triton' needs the triton package, which is not installed")
+    from .relational_triton import relational_loss_triton as triton_impl
+
+    return triton_impl(q, k, queue, tau_s, tau_t, reduction=reduction)
+
+
+_IMPLS = {"reference": relational_loss_reference, "cpu": relational_loss_cpu, "triton": _relational_loss_triton}
 
 
 def relational_loss(q, k, queue, tau_s: float, tau_t: float, *, impl: str = "auto", reduction: str = "mean"):
     """Mean cross-entropy between teacher and student similarity distributions over the queue.
 
-    impl: "reference" | "auto" (the fastest implementation available for q's device).
+    impl: "reference" (materialises [B,K]) | "cpu" (blockwise torch, any device, O(B*block) memory) |
+          "triton" (GPU kernels) | "auto" ("triton" for CUDA tensors when triton is installed, else "cpu").
     reduction: "mean" (a scalar) or "none" (per-row values, shape q.shape[:-1]).
     """
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
     if impl == "auto":
-        impl = "reference"
+        impl = "triton" if q.is_cuda and TRITON_AVAILABLE else "cpu"
     if impl not in _IMPLS:
         raise ValueError(f"unknown impl {impl!r}; choose from {sorted(_IMPLS)} or 'auto'")
+    _check(q, k, queue, tau_s, tau_t)
+    if not all(t.is_floating_point() for t in (q, k, queue)):
+        raise ValueError(f"expected floating-point tensors, got {q.dtype}, {k.dtype}, {queue.dtype}")
     return _IMPLS[impl](q, k, queue, tau_s, tau_t, reduction=reduction)

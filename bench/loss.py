@@ -1,0 +1,199 @@
+"""Relational loss benchmark: forward+backward time and peak extra memory, reference against the fast paths.
+
+    python bench/loss.py [--quick] [--device auto|cpu|cuda] [--out DIR]
+
+Writes loss.json and loss.md to DIR (default bench/results/) and prints the table. B=256, fp32, unit rows.
+
+Time: median, min and max over repeated runs after a warm-up; the implementations take turns run by run, so
+load from other processes hits them alike. Peak extra memory is what a forward+backward needs above its inputs:
+on CUDA from torch.cuda.max_memory_allocated; on CPU from the resident set of a fresh subprocess per case
+(VmHWM, reset through /proc/self/clear_refs just before the call), with glibc told to mmap every allocation over
+64 KiB so that a freed tensor leaves the resident set at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+try:
+    from fastssl.kernels import relational as R
+except ImportError:  # not installed: import kernels/, the folder that installs as fastssl.kernels
+    sys.path.insert(0, str(ROOT))
+    from kernels import relational as R
+
+BATCH, TAU_S, TAU_T = 256, 0.1, 0.04
+FULL_SHAPES = [(keys, dim) for keys in (4096, 16384, 65536, 131072) for dim in (128, 256, 512)]
+QUICK_SHAPES = [(4096, 128), (65536, 256)]
+TARGET = {"K": 65536, "D": 256, "max_memory_ratio": 1 / 8, "max_time_ratio": 1.0}  # the issue's bar, B=256 fp32
+
+
+def _inputs(keys: int, dim: int, device: str):
+    g = torch.Generator(device).manual_seed(0)
+    unit = lambda *shape: F.normalize(torch.randn(*shape, generator=g, device=device), dim=-1)  # noqa: E731
+    return unit(BATCH, dim).requires_grad_(), unit(BATCH, dim), unit(keys, dim)
+
+
+def _impls(device: str) -> dict:
+    impls = {name: partial(R.relational_loss, impl=name) for name in ("reference", "cpu")}
+    if device == "cuda":
+        if R.TRITON_AVAILABLE:
+            impls["triton"] = partial(R.relational_loss, impl="triton")
+        torch._dynamo.reset()  # a fresh compile per shape: recompiles would hit dynamo's cache limit
+        impls["compiled reference"] = torch.compile(R.relational_loss_reference, dynamic=False)
+    return impls
+
+
+def _step(fn, q, k, queue):
+    q.grad = None
+    fn(q, k, queue, TAU_S, TAU_T).backward()
+
+
+def _sync(device: str):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _times_ms(impls: dict, inputs, device: str, reps: int) -> dict:
+    for fn in impls.values():  # warm-up: compilation, autotuning, first-touch page faults
+        for _ in range(3 if device == "cuda" else 1):
+            _step(fn, *inputs)
+    times = {name: [] for name in impls}
+    for _ in range(reps):
+        for name, fn in impls.items():
+            _sync(device)
+            start = time.perf_counter()
+            _step(fn, *inputs)
+            _sync(device)
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: {"median": statistics.median(t), "min": min(t), "max": max(t)} for name, t in times.items()}
+
+
+def _proc_status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def _peak_extra_here(impl: str, keys: int, dim: int) -> int:
+    """Subprocess side: bytes of resident memory one CPU forward+backward needs above its inputs."""
+    fn = _impls("cpu")[impl]
+    inputs = _inputs(keys, dim, "cpu")
+    _step(fn, *_inputs(64, dim, "cpu"))  # load libraries and start threads outside the measurement
+    rss = _proc_status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current resident set
+    _step(fn, *inputs)
+    return (_proc_status_kib("VmHWM") - rss) * 1024
+
+
+def _peak_extra_cpu(impl: str, keys: int, dim: int) -> int | None:
+    if not os.path.exists("/proc/self/clear_refs"):
+        return None  # not Linux: no resettable high-water mark
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--_peak-extra", impl, str(keys), str(dim)]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+    return int(out.split()[-1])
+
+
+def _peak_extra_cuda(fn, inputs) -> int:
+    _step(fn, *inputs)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    _step(fn, *inputs)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def run(quick: bool = False, device: str = "auto", out_dir: str | None = None) -> dict:
+    """Benchmark every implementation on every shape; write loss.json and loss.md to out_dir if given."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    reps = 3 if quick else 7
+    cases = []
+    for keys, dim in QUICK_SHAPES if quick else FULL_SHAPES:
+        impls = _impls(device)
+        inputs = _inputs(keys, dim, device)
+        times = _times_ms(impls, inputs, device, reps)
+        for name, fn in impls.items():
+            peak = _peak_extra_cuda(fn, inputs) if device == "cuda" else _peak_extra_cpu(name, keys, dim)
+            cases.append({"K": keys, "D": dim, "impl": name, "ms": times[name],
+                          "peak_extra_mib": None if peak is None else peak / 2**20})
+        ref = cases[-len(impls)]
+        for case in cases[-len(impls):]:
+            case["time_vs_reference"] = case["ms"]["median"] / ref["ms"]["median"]
+            case["memory_vs_reference"] = (None if ref["peak_extra_mib"] is None
+                                           else case["peak_extra_mib"] / ref["peak_extra_mib"])
+    results = {
+        "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu, {torch.get_num_threads()} threads",
+        "torch": torch.__version__, "B": BATCH, "dtype": "float32", "tau_s": TAU_S, "tau_t": TAU_T, "reps": reps,
+        "cases": cases, "target": _target(cases, "triton" if device == "cuda" and R.TRITON_AVAILABLE else "cpu"),
+    }
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "loss.json").write_text(json.dumps(results, indent=2) + "\n")
+        (out / "loss.md").write_text(to_markdown(results))
+    return results
+
+
+def _target(cases: list, impl: str) -> dict | None:
+    """The issue's bar for the fast path at its shape, if the run measured that shape."""
+    case = next((c for c in cases if (c["K"], c["D"], c["impl"]) == (TARGET["K"], TARGET["D"], impl)), None)
+    if case is None:
+        return None
+    memory, time_ratio = case["memory_vs_reference"], case["time_vs_reference"]
+    met = memory is not None and memory <= TARGET["max_memory_ratio"] and time_ratio <= TARGET["max_time_ratio"]
+    return {**TARGET, "impl": impl, "memory_ratio": memory, "time_ratio": time_ratio, "met": met}
+
+
+def to_markdown(results: dict) -> str:
+    fmt = lambda v, spec: "n/a" if v is None else format(v, spec)  # noqa: E731
+    lines = [f"Relational loss forward+backward, B={results['B']}, {results['dtype']}, tau_s={results['tau_s']}, "
+             f"tau_t={results['tau_t']}; {results['device']}, torch {results['torch']}; "
+             f"median (min-max) of {results['reps']} runs.", "",
+             "| K | D | impl | ms | time / ref | peak extra MiB | memory / ref |",
+             "|---:|---:|---|---:|---:|---:|---:|"]
+    for c in results["cases"]:
+        ms = c["ms"]
+        lines.append(f"| {c['K']} | {c['D']} | {c['impl']} | {ms['median']:.1f} ({ms['min']:.1f}-{ms['max']:.1f}) | "
+                     f"{c['time_vs_reference']:.2f} | {fmt(c['peak_extra_mib'], '.1f')} | "
+                     f"{fmt(c['memory_vs_reference'], '.3f')} |")
+    target = results["target"]
+    if target is not None:
+        lines += ["", f"Target at K={target['K']}, D={target['D']} ({target['impl']}): memory / ref "
+                      f"{fmt(target['memory_ratio'], '.3f')} (bar {target['max_memory_ratio']:.3f}), time / ref "
+                      f"{target['time_ratio']:.2f} (bar {target['max_time_ratio']:.2f}): "
+                      f"{'met' if target['met'] else 'NOT met'}."]
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="two shapes, fewer runs (about a minute on CPU)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results"), help="folder for loss.json and loss.md")
+    parser.add_argument("--_peak-extra", nargs=3, metavar=("IMPL", "K", "D"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args._peak_extra:  # subprocess side of _peak_extra_cpu
+        impl, keys, dim = args._peak_extra
+        print(_peak_extra_here(impl, int(keys), int(dim)))
+        return
+    print(to_markdown(run(args.quick, args.device, args.out)), end="")
+
+
+if __name__ == "__main__":
+    main()
