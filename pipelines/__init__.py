@@ -13,7 +13,7 @@ from fastssl.views import ViewSpec
 
 from .common import Loader
 
-KINDS = ("torch",)
+KINDS = ("torch", "tensor")
 
 
 def build(kind: str, images: ImageSet, views: dict[str, ViewSpec], *, batch_size: int, device: torch.device,
@@ -23,6 +23,10 @@ def build(kind: str, images: ImageSet, views: dict[str, ViewSpec], *, batch_size
     if len(images) // world < batch_size:
         raise UserError(f"batch size {batch_size} is larger than the {len(images) // world} training images "
                         f"per process in {images.root}; lower --batch-size")
+    if kind == "tensor":
+        from .tensor_loader import TensorLoader
+        return TensorLoader(images, views, batch_size=batch_size, device=device, workers=workers, seed=seed,
+                            rank=rank, world=world, channels_last=channels_last)
     from .torch_loader import TorchLoader
     return TorchLoader(images, views, batch_size=batch_size, device=device, workers=workers, seed=seed,
                        rank=rank, world=world, channels_last=channels_last)

@@ -1,0 +1,93 @@
+"""No loader: the whole (small) data set lives on the training device as one uint8 tensor.
+
+For CIFAR, STL-10, Tiny-ImageNet, Fashion-MNIST: each batch is an index into that tensor, and every view
+is made from the batch by batched tensor ops (pipelines/device_augment.py), as airbench does for
+CIFAR-10. Random parameters come from a generator on the device seeded by (seed, epoch, global batch
+index): a run is reproducible and resumes exactly mid-epoch. Nothing in the loop waits on the GPU.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from torchvision.transforms.v2 import functional as TF
+
+from fastssl.data import ImageSet
+from fastssl.errors import UserError
+from fastssl.views import ViewSpec
+
+from .common import epoch_indices, sample_seed
+from .device_augment import standardize, view
+
+MEMORY_FRACTION = 0.5  # of the free memory where the set is kept: the rest is for the model and activations
+MAX_FOLDER_SIDE = 128  # image folders are decoded once at the view size: only small images belong here
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free on the device (host RAM for the CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def resident_images(images: ImageSet, size: int, device: torch.device, workers: int = 2) -> torch.Tensor:
+    """The whole split as uint8 [N,H,W,3] on the device: in-memory sets as they are (crops resample them to
+    the view size), image folders decoded once, shorter side resized to `size` and centre-cropped square.
+    UserError when it would take more than MEMORY_FRACTION of the free memory there."""
+    if images.in_memory:
+        shape = tuple(images.images.shape)
+        need = 0 if device.type == "cpu" else images.images.numel()  # already in host memory
+    else:
+        if size > MAX_FOLDER_SIDE:
+            raise UserError(f"--pipeline tensor keeps image folders decoded in memory, at most {MAX_FOLDER_SIDE} px "
+                            f"a side, and the views need {size} px; use a smaller --image-size or --pipeline torch")
+        shape = (len(images), size, size, 3)
+        need = len(images) * size * size * 3
+    free = free_memory(device)
+    if need > MEMORY_FRACTION * free:
+        smaller = "--train-subset" if images.in_memory else "a smaller --image-size or --train-subset"
+        raise UserError(f"--pipeline tensor would keep {len(images)} images of {images.root} on {device}: "
+                        f"{_gib(need)} as uint8 {shape[1]}x{shape[2]}, more than {MEMORY_FRACTION:.0%} of the "
+                        f"{_gib(free)} free there; use --pipeline torch, or {smaller}")
+    if images.in_memory:
+        return images.images.to(device)
+
+    def decode(i: int) -> torch.Tensor:
+        img = TF.resize(images.read(i), size, antialias=True)
+        return TF.center_crop(img, size).permute(1, 2, 0)
+
+    out = torch.empty(shape, dtype=torch.uint8)
+    with ThreadPoolExecutor(max(1, workers)) as pool:  # decoding releases the GIL
+        for i, img in enumerate(pool.map(decode, range(len(images)))):
+            out[i] = img
+    return out.to(device)
+
+
+class TensorLoader:
+    def __init__(self, images: ImageSet, views: dict[str, ViewSpec], *, batch_size: int, device: torch.device,
+                 workers: int = 2, seed: int = 0, rank: int = 0, world: int = 1, channels_last: bool = True):
+        self.images = resident_images(images, max(spec.size for spec in views.values()), device, workers)
+        self.labels = images.labels.to(device)
+        self.views, self.batch_size, self.device = views, batch_size, device
+        self.seed, self.rank, self.world, self.channels_last = seed, rank, world, channels_last
+
+    def __len__(self) -> int:
+        return len(self.labels) // self.world // self.batch_size
+
+    def epoch(self, epoch: int, start_batch: int = 0):
+        indices = epoch_indices(len(self.labels), self.batch_size, epoch, self.seed, self.rank, self.world)
+        indices = indices.to(self.device)
+        for b in range(start_batch, len(self)):
+            idx = indices[b * self.batch_size:(b + 1) * self.batch_size]
+            src = self.images[idx].permute(0, 3, 1, 2)  # uint8 [B,3,H,W]
+            g = torch.Generator(self.device).manual_seed(sample_seed(self.seed, epoch, b * self.world + self.rank))
+            out = {role: standardize(view(src, spec, g), spec, self.channels_last)
+                   for role, spec in self.views.items()}
+            out["label"] = self.labels[idx]
+            yield out
