@@ -146,7 +146,8 @@ def to_markdown(results: dict) -> str:
     names = {"tensor": "tensor (on-device batched ops)",
              "torch": f"torchvision DataLoader, {results['workers']} workers"}
     for name, r in results["loaders"].items():
-        lines.append(f"| {names[name]} | {r['median']:.0f} ({r['min']:.0f}-{r['max']:.0f}) | {r['median'] / base:.1f}x |")
+        lines.append(f"| {names[name]} | {r['median']:.0f} ({r['min']:.0f}-{r['max']:.0f}) | "
+                     f"{r['median'] / base:.1f}x |")
     target = results["target"]
     lines += ["", f"Target: tensor >= {target['speedup']:.0f}x torchvision: "
                   f"{results['speedup']:.1f}x, {'met' if target['met'] else 'NOT met'}."]

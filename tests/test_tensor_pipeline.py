@@ -96,7 +96,8 @@ def test_grayscale_blur_solarize_match_torchvision():
     for k in (3, 7):
         blurred = [TF.gaussian_blur(x[i], [k, k], [sigma[i].item()] * 2) if mask[i] else x[i] for i in range(len(x))]
         close(A.gaussian_blur(x, sigma, k, mask), torch.stack(blurred))
-    close(A.solarize(x, 0.5, mask), torch.stack([TF.solarize(x[i], 0.5) if mask[i] else x[i] for i in range(len(x))]), 0)
+    solarized = [TF.solarize(x[i], 0.5) if mask[i] else x[i] for i in range(len(x))]
+    close(A.solarize(x, 0.5, mask), torch.stack(solarized), 0)
 
 
 @pytest.mark.parametrize("size", [32, 9])  # enlarging, and shrinking (antialiased)
@@ -269,3 +270,19 @@ def test_refuses_a_set_that_does_not_fit(monkeypatch):
         tensor_loader.resident_images(data, 8, torch.device("cuda"))  # checked before anything is copied
     message = str(err.value)
     assert "\n" not in message and "0.00 GiB" in message and "--pipeline torch" in message, message
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_batches_match_cpu_ops_and_never_wait_for_the_gpu():
+    cuda, spec, x = torch.device("cuda"), resa_strong(16, blur_p=0.5), images()
+    p = A.sample_params(len(x), 20, 24, spec, gen())
+    make = lambda x, p: A.photometric(A.resized_crop(x, p["boxes"], p["flip"], 16), spec, p)  # noqa: E731
+    close(make(x.to(cuda), {k: v.to(cuda) for k, v in p.items()}).cpu(), make(x, p), 1e-4)
+    batches = build("tensor", tiny_set(), views(), batch_size=10, device=cuda).epoch(0)
+    next(batches)  # the epoch's indices and the constants go to the GPU once
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        batch = next(batches)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert batch["strong"].is_cuda and batch["label"].is_cuda
