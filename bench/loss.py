@@ -4,11 +4,14 @@
 
 Writes loss.json and loss.md to DIR (default bench/results/) and prints the table. B=256, fp32, unit rows.
 
+Each shape is measured in a fresh subprocess, so the caller's threads and allocator state do not leak in.
 Time: median, min and max over repeated runs after a warm-up; the implementations take turns run by run, so
-load from other processes hits them alike. Peak extra memory is what a forward+backward needs above its inputs:
-on CUDA from torch.cuda.max_memory_allocated; on CPU from the resident set of a fresh subprocess per case
-(VmHWM, reset through /proc/self/clear_refs just before the call), with glibc told to mmap every allocation over
-64 KiB so that a freed tensor leaves the resident set at once.
+load from other processes hits them alike. The subprocesses run with OMP_WAIT_POLICY=PASSIVE (unless set):
+on a shared, oversubscribed CPU, spinning OpenMP threads make every parallel region wait for a descheduled
+thread, and the timing then measures the other tenants, not the loss. Peak extra memory is what one
+forward+backward needs above its inputs: on CUDA from torch.cuda.max_memory_allocated; on CPU from the
+resident set of one more fresh subprocess per case (VmHWM, reset through /proc/self/clear_refs just before the
+call), with glibc told to mmap every allocation over 64 KiB so that a freed tensor leaves the resident set.
 """
 
 from __future__ import annotations
@@ -50,7 +53,6 @@ def _impls(device: str) -> dict:
     if device == "cuda":
         if R.TRITON_AVAILABLE:
             impls["triton"] = partial(R.relational_loss, impl="triton")
-        torch._dynamo.reset()  # a fresh compile per shape: recompiles would hit dynamo's cache limit
         impls["compiled reference"] = torch.compile(R.relational_loss_reference, dynamic=False)
     return impls
 
@@ -65,7 +67,19 @@ def _sync(device: str):
         torch.cuda.synchronize()
 
 
-def _times_ms(impls: dict, inputs, device: str, reps: int) -> dict:
+def _peak_extra_cuda(fn, inputs) -> int:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    _step(fn, *inputs)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def _measure_shape(keys: int, dim: int, device: str, reps: int) -> dict:
+    """Subprocess side: {impl: {"ms": {median, min, max}, "peak_extra": bytes (CUDA only)}}."""
+    impls = _impls(device)
+    inputs = _inputs(keys, dim, device)
     for fn in impls.values():  # warm-up: compilation, autotuning, first-touch page faults
         for _ in range(3 if device == "cuda" else 1):
             _step(fn, *inputs)
@@ -77,7 +91,9 @@ def _times_ms(impls: dict, inputs, device: str, reps: int) -> dict:
             _step(fn, *inputs)
             _sync(device)
             times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: {"median": statistics.median(t), "min": min(t), "max": max(t)} for name, t in times.items()}
+    return {name: {"ms": {"median": statistics.median(t), "min": min(t), "max": max(t)},
+                   "peak_extra": _peak_extra_cuda(impls[name], inputs) if device == "cuda" else None}
+            for name, t in times.items()}
 
 
 def _proc_status_kib(field: str) -> int:
@@ -85,7 +101,7 @@ def _proc_status_kib(field: str) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
-def _peak_extra_here(impl: str, keys: int, dim: int) -> int:
+def _peak_extra_cpu(impl: str, keys: int, dim: int) -> int:
     """Subprocess side: bytes of resident memory one CPU forward+backward needs above its inputs."""
     fn = _impls("cpu")[impl]
     inputs = _inputs(keys, dim, "cpu")
@@ -97,23 +113,14 @@ def _peak_extra_here(impl: str, keys: int, dim: int) -> int:
     return (_proc_status_kib("VmHWM") - rss) * 1024
 
 
-def _peak_extra_cpu(impl: str, keys: int, dim: int) -> int | None:
-    if not os.path.exists("/proc/self/clear_refs"):
-        return None  # not Linux: no resettable high-water mark
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--_peak-extra", impl, str(keys), str(dim)]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
-    return int(out.split()[-1])
-
-
-def _peak_extra_cuda(fn, inputs) -> int:
-    _step(fn, *inputs)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    _step(fn, *inputs)
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - base
+def _subprocess(*args: str, **env: str):
+    """Run this file with the hidden --_sub arguments in a fresh interpreter; return what it prints (JSON)."""
+    env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"), **env}
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--_sub", *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def run(quick: bool = False, device: str = "auto", out_dir: str | None = None) -> dict:
@@ -123,23 +130,27 @@ def run(quick: bool = False, device: str = "auto", out_dir: str | None = None) -
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
     reps = 3 if quick else 7
+    memory_on_cpu = device == "cpu" and os.path.exists("/proc/self/clear_refs")  # a resettable high-water mark
     cases = []
     for keys, dim in QUICK_SHAPES if quick else FULL_SHAPES:
-        impls = _impls(device)
-        inputs = _inputs(keys, dim, device)
-        times = _times_ms(impls, inputs, device, reps)
-        for name, fn in impls.items():
-            peak = _peak_extra_cuda(fn, inputs) if device == "cuda" else _peak_extra_cpu(name, keys, dim)
-            cases.append({"K": keys, "D": dim, "impl": name, "ms": times[name],
-                          "peak_extra_mib": None if peak is None else peak / 2**20})
-        ref = cases[-len(impls)]
-        for case in cases[-len(impls):]:
+        measured = _subprocess("shape", str(keys), str(dim), device, str(reps))
+        shape_cases = []
+        for impl, m in measured.items():
+            peak = m["peak_extra"]
+            if memory_on_cpu:
+                peak = _subprocess("memory", impl, str(keys), str(dim), MALLOC_MMAP_THRESHOLD_="65536")
+            shape_cases.append({"K": keys, "D": dim, "impl": impl, "ms": m["ms"],
+                                "peak_extra_mib": None if peak is None else peak / 2**20})
+        ref = shape_cases[0]
+        for case in shape_cases:
             case["time_vs_reference"] = case["ms"]["median"] / ref["ms"]["median"]
             case["memory_vs_reference"] = (None if ref["peak_extra_mib"] is None
                                            else case["peak_extra_mib"] / ref["peak_extra_mib"])
+        cases += shape_cases
     results = {
         "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu, {torch.get_num_threads()} threads",
         "torch": torch.__version__, "B": BATCH, "dtype": "float32", "tau_s": TAU_S, "tau_t": TAU_T, "reps": reps,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
         "cases": cases, "target": _target(cases, "triton" if device == "cuda" and R.TRITON_AVAILABLE else "cpu"),
     }
     if out_dir is not None:
@@ -163,8 +174,8 @@ def _target(cases: list, impl: str) -> dict | None:
 def to_markdown(results: dict) -> str:
     fmt = lambda v, spec: "n/a" if v is None else format(v, spec)  # noqa: E731
     lines = [f"Relational loss forward+backward, B={results['B']}, {results['dtype']}, tau_s={results['tau_s']}, "
-             f"tau_t={results['tau_t']}; {results['device']}, torch {results['torch']}; "
-             f"median (min-max) of {results['reps']} runs.", "",
+             f"tau_t={results['tau_t']}; {results['device']} (OMP_WAIT_POLICY={results['omp_wait_policy']}), "
+             f"torch {results['torch']}; median (min-max) of {results['reps']} runs.", "",
              "| K | D | impl | ms | time / ref | peak extra MiB | memory / ref |",
              "|---:|---:|---|---:|---:|---:|---:|"]
     for c in results["cases"]:
@@ -186,11 +197,16 @@ def main():
     parser.add_argument("--quick", action="store_true", help="two shapes, fewer runs (about a minute on CPU)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"), help="folder for loss.json and loss.md")
-    parser.add_argument("--_peak-extra", nargs=3, metavar=("IMPL", "K", "D"), help=argparse.SUPPRESS)
+    parser.add_argument("--_sub", nargs="+", help=argparse.SUPPRESS)  # a measurement, run by _subprocess
     args = parser.parse_args()
-    if args._peak_extra:  # subprocess side of _peak_extra_cpu
-        impl, keys, dim = args._peak_extra
-        print(_peak_extra_here(impl, int(keys), int(dim)))
+    if args._sub:
+        kind, *rest = args._sub
+        if kind == "shape":
+            keys, dim, device, reps = rest
+            print(json.dumps(_measure_shape(int(keys), int(dim), device, int(reps))))
+        else:
+            impl, keys, dim = rest
+            print(json.dumps(_peak_extra_cpu(impl, int(keys), int(dim))))
         return
     print(to_markdown(run(args.quick, args.device, args.out)), end="")
 
