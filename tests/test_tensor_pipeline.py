@@ -286,3 +286,15 @@ def test_cuda_batches_match_cpu_ops_and_never_wait_for_the_gpu():
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert batch["strong"].is_cuda and batch["label"].is_cuda
+
+
+def test_the_trainer_runs_on_the_tensor_pipeline(tmp_path):
+    """`fastssl train --pipeline tensor` end to end on a Fashion-MNIST slice (a smoke test, not a learning check)."""
+    train = pytest.importorskip("fastssl.train").train
+    from fastssl.config import TrainConfig
+    cfg = TrainConfig(method="ressl", arch="resnet18-w8", data="fashion-mnist", pipeline="tensor", train_subset=1024,
+                      epochs=1, batch_size=128, queue_size=512, knn_every=0, knn_bank=500, knn_queries=200,
+                      device="cpu", out=str(tmp_path))
+    summary = train(cfg)
+    assert summary["steps"] == 8 and 10 < summary["knn_top1"] <= 100
+    assert (tmp_path / "backbone.pt").is_file()
