@@ -22,35 +22,79 @@ class TrainConfig:
     arch: str = "resnet18"
     data: str = "fashion-mnist"
     pipeline: str = "torch"
-    image_size: int | None = None  # None: the named set's native size, 224 for folders
+    image_size: int | None = None
     epochs: int = 100
-    batch_size: int = 256  # global batch (split across ranks under DDP)
-    lr: float | None = None  # per 256 images; the trainer scales it by batch/256
+    batch_size: int = 256
+    lr: float | None = None
     weight_decay: float | None = None
     warmup_epochs: float | None = None
-    final_lr_ratio: float | None = None  # cosine ends at lr * this
+    final_lr_ratio: float | None = None
     queue_size: int | None = None
     tau_s: float | None = None
     tau_t: float | None = None
-    momentum: float | None = None  # teacher EMA momentum (start value of a cosine schedule where the method uses one)
+    momentum: float | None = None
     proj_hidden: int | None = None
     proj_dim: int | None = None
-    bn_splits: int = 8  # BN statistics groups in one process (ignored under DDP, where each GPU is a group)
+    bn_splits: int = 8
     out: str = "runs/fastssl"
     resume: bool = False
     device: str = "auto"
-    precision: str = "auto"  # auto: bf16 on CUDA and on CPUs with native bf16, else fp32
+    precision: str = "auto"
     channels_last: bool = True
     compile: bool = False
     workers: int = 2
     seed: int = 0
-    knn_every: int = 1  # epochs between kNN monitors (0: only at the end)
+    knn_every: int = 1
     knn_k: int = 200
     knn_t: float = 0.1
-    log_every: int = 20  # steps between CSV/TensorBoard rows
-    checkpoint_every: int = 0  # steps between mid-epoch checkpoints (0: at epoch ends only)
-    max_steps: int = 0  # stop after this many steps (0: run all epochs); for smoke tests and benchmarks
-    train_subset: int = 0  # train on a fixed random subset of this many images (0: all)
+    knn_bank: int = 0
+    knn_queries: int = 0
+    log_every: int = 20
+    checkpoint_every: int = 0
+    max_steps: int = 0
+    train_subset: int = 0
+
+
+HELP = {
+    "method": "self-supervised method (see the README's table)",
+    "arch": "backbone: resnet18 | resnet34 | resnet50, or narrowed as resnet18-w16 (base width 16, not 64); "
+            "inputs of at most 64 px get the 3x3 stride-1 stem without max-pool",
+    "data": "fashion-mnist | cifar10 | cifar100, or a folder: an ImageFolder root with train/ and val/, or a "
+            "folder holding one of the named sets",
+    "pipeline": "data pipeline making the views",
+    "image_size": "training view side in pixels (default: the named set's own size, 224 for folders)",
+    "epochs": "training epochs",
+    "batch_size": "global batch size (split across processes under torchrun)",
+    "lr": "base learning rate per 256 images; the trainer scales it by batch/256",
+    "weight_decay": "SGD weight decay",
+    "warmup_epochs": "linear warm-up epochs before the per-iteration cosine",
+    "final_lr_ratio": "the cosine ends at lr x this",
+    "queue_size": "queue length K (ReSSL/ISD anchors, MoCo negatives)",
+    "tau_s": "student temperature",
+    "tau_t": "teacher temperature (must be below tau_s)",
+    "momentum": "teacher EMA momentum (the start of the cosine schedule where the method uses one)",
+    "proj_hidden": "projection head hidden width",
+    "proj_dim": "projection (embedding) dimension",
+    "bn_splits": "BatchNorm statistics groups in one process (split-BN; 1 = plain BN; unused under torchrun)",
+    "out": "run folder: checkpoint.pt, backbone.pt, metrics.csv, tb/, knn.png, summary.json",
+    "resume": "continue the run in --out from its checkpoint (its settings; --epochs may be raised)",
+    "device": "auto | cpu | cuda",
+    "precision": "auto | fp32 | bf16 (auto: bf16 autocast on CUDA and on CPUs with native bf16)",
+    "channels_last": "channels_last memory format for the convolutions",
+    "compile": "torch.compile the networks (slow first steps; pays off on GPUs)",
+    "workers": "data loading worker processes",
+    "seed": "random seed (model init, order and augmentations)",
+    "knn_every": "epochs between weighted-kNN monitors (0: only at the end)",
+    "knn_k": "kNN neighbours",
+    "knn_t": "kNN temperature",
+    "knn_bank": "kNN bank: a fixed random subset of the train split (0: all)",
+    "knn_queries": "kNN queries: a fixed random subset of the test split (0: all)",
+    "log_every": "steps between progress/CSV/TensorBoard updates",
+    "checkpoint_every": "steps between mid-epoch checkpoints (0: at epoch ends only)",
+    "max_steps": "stop after this many steps (0: run every epoch)",
+    "train_subset": "train on a fixed random subset of this many images (0: all)",
+}
+assert HELP.keys() == {f.name for f in fields(TrainConfig)}
 
 
 FIELDS = {f.name: f for f in fields(TrainConfig)}

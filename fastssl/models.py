@@ -50,7 +50,7 @@ def build_backbone(arch: str, image_size: int) -> nn.Module:
         net.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
     nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
     net.bn1 = nn.BatchNorm2d(width)
-    net.out_dim = net.fc.in_features
+    net.out_dim = int(512 * width / 64) * block.expansion
     net.fc = nn.Identity()
     return net
 

@@ -1,0 +1,134 @@
+"""`fastssl` command line: a thin typer app. Flags and --config merge into one TrainConfig; a UserError
+becomes one line on stderr and exit status 2."""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from dataclasses import fields
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .config import HELP, TrainConfig, load_file, merge
+from .errors import UserError
+
+app = typer.Typer(help="fastssl: high-throughput relational self-supervised learning (ReSSL, ISD, ReSA, ...).",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+eval_app = typer.Typer(help="Evaluate a trained encoder (frozen).", no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
+
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def _recipe_default(name: str) -> str:
+    """Help text for a setting the method's recipe fills in: each method's small-image / ImageNet value."""
+    from .methods import METHODS
+    parts = []
+    for m, cls in sorted(METHODS.items()):
+        small, large = cls.defaults(True).get(name), cls.defaults(False).get(name)
+        if small is not None:
+            parts.append(f"{m} {small:g}" + (f"/{large:g}" if large != small else ""))
+    return f"(default from the recipe, small images/ImageNet: {', '.join(parts)})" if parts else "(unused)"
+
+
+def _train(ctx: typer.Context, config: Optional[Path], **options):
+    # by name: typer vendors its own click, whose ParameterSource is not click's
+    given = {k: v for k, v in options.items() if ctx.get_parameter_source(k).name == "COMMANDLINE"}
+    cfg = merge(load_file(str(config)) if config else {}, given)
+    from .train import train
+    train(cfg)
+
+
+def _train_signature() -> inspect.Signature:
+    """One option per TrainConfig field, with its help and default: the dataclass is the single source."""
+    params = [inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context),
+              inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
+                                default=typer.Option(None, help="YAML or TOML file with the same keys; "
+                                                                "command-line options override it"))]
+    for f in fields(TrainConfig):
+        type_name = str(f.type).split(" ")[0]
+        optional = "None" in str(f.type)
+        help_text = HELP[f.name] + (" " + _recipe_default(f.name) if optional and f.name not in ("image_size",) else "")
+        params.append(inspect.Parameter(
+            f.name, inspect.Parameter.KEYWORD_ONLY,
+            annotation=Optional[_TYPES[type_name]] if optional else _TYPES[type_name],
+            default=typer.Option(f.default, help=help_text, show_default=not optional)))
+    return inspect.Signature(params)
+
+
+_train.__signature__ = _train_signature()
+app.command("train", help="Pretrain an encoder. Example: fastssl train --data fashion-mnist --epochs 20")(_train)
+
+
+def _load_encoder(checkpoint_path: Path, device_name: str):
+    import torch
+    from . import checkpoint
+    from .config import from_dict
+    from .train import build_method, pick_device
+    state = checkpoint.load(checkpoint_path)
+    if "config" not in state:
+        raise UserError(f"{checkpoint_path} is not a fastssl training checkpoint (no config); pass the run's "
+                        f"checkpoint.pt")
+    cfg = from_dict(state["config"])
+    size = cfg.image_size
+    if size is None:
+        from .data import load
+        size = load(cfg.data, "train").native_size or 224
+    cfg, method = build_method(cfg, size)
+    method.load_state_dict(state["method"])
+    device = pick_device(device_name)
+    return cfg, size, method.encoder().to(device), device
+
+
+def _eval_features(checkpoint_path: Path, data: Optional[str], device: str, workers: int, precision: str):
+    from .data import load
+    from .evaluate import extract_features
+    from .train import pick_precision
+    cfg, size, encoder, dev = _load_encoder(checkpoint_path, device)
+    data = data or cfg.data
+    train_set, test_set = load(data, "train"), load(data, "test")
+    kw = dict(size=size, device=dev, workers=workers, precision=pick_precision(precision, dev))
+    return (extract_features(encoder, train_set, **kw), train_set.labels,
+            extract_features(encoder, test_set, **kw), test_set.labels, data)
+
+
+_CKPT = typer.Option(..., "--checkpoint", help="a run's checkpoint.pt")
+_DATA = typer.Option(None, help="labelled data (default: the run's --data); train split = bank/training set, "
+                                "val or test split = queries")
+
+
+@eval_app.command("knn", help="Weighted kNN top-1 (InstDisc: cosine, votes exp(sim/T)) of the frozen encoder.")
+def eval_knn(checkpoint: Path = _CKPT, data: Optional[str] = _DATA, k: int = typer.Option(200, help="neighbours"),
+             t: float = typer.Option(0.1, help="temperature"), device: str = "auto", workers: int = 2,
+             precision: str = "auto"):
+    from .evaluate import knn_accuracy
+    train_f, train_y, test_f, test_y, data = _eval_features(checkpoint, data, device, workers, precision)
+    print(f"kNN top-1 (k={k}, T={t}) on {data}: {knn_accuracy(train_f, train_y, test_f, test_y, k, t):.2f}%")
+
+
+@eval_app.command("linear", help="Linear probe on frozen, L2-normalised and standardised features.")
+def eval_linear(checkpoint: Path = _CKPT, data: Optional[str] = _DATA,
+                epochs: int = typer.Option(100, help="probe epochs over the cached features"),
+                lr: float = typer.Option(0.1, help="probe SGD learning rate"), device: str = "auto",
+                workers: int = 2, precision: str = "auto"):
+    from .evaluate import linear_probe
+    train_f, train_y, test_f, test_y, data = _eval_features(checkpoint, data, device, workers, precision)
+    print(f"linear probe top-1 on {data}: {linear_probe(train_f, train_y, test_f, test_y, epochs=epochs, lr=lr):.2f}%")
+
+
+def main() -> None:
+    try:
+        app()
+    except UserError as e:
+        # the last line: a UserError raised in a DataLoader worker arrives wrapped in the worker's traceback
+        print(f"error: {str(e).strip().splitlines()[-1].removeprefix('fastssl.errors.UserError: ')}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted; the last checkpoint is intact (continue with --resume)", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
