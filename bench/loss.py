@@ -19,22 +19,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import subprocess
-import sys
 import time
 from functools import partial
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import (RESULTS, can_measure_cpu_memory, cpu_peak, device_name, pick_device, reset_cpu_peak, run_script,
+                    summary, sync, write)
 
-ROOT = Path(__file__).resolve().parents[1]
-try:
-    from fastssl.kernels import relational as R
-except ImportError:  # not installed: import kernels/, the folder that installs as fastssl.kernels
-    sys.path.insert(0, str(ROOT))
-    from kernels import relational as R
+from fastssl.kernels import relational as R
 
 BATCH, TAU_S, TAU_T = 256, 0.1, 0.04
 FULL_SHAPES = [(keys, dim) for keys in (4096, 16384, 65536, 131072) for dim in (128, 256, 512)]
@@ -62,11 +55,6 @@ def _step(fn, q, k, queue):
     fn(q, k, queue, TAU_S, TAU_T).backward()
 
 
-def _sync(device: str):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def _peak_extra_cuda(fn, inputs) -> int:
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -86,19 +74,13 @@ def _measure_shape(keys: int, dim: int, device: str, reps: int) -> dict:
     times = {name: [] for name in impls}
     for _ in range(reps):
         for name, fn in impls.items():
-            _sync(device)
+            sync(device)
             start = time.perf_counter()
             _step(fn, *inputs)
-            _sync(device)
+            sync(device)
             times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: {"ms": {"median": statistics.median(t), "min": min(t), "max": max(t)},
-                   "peak_extra": _peak_extra_cuda(impls[name], inputs) if device == "cuda" else None}
+    return {name: {"ms": summary(t), "peak_extra": _peak_extra_cuda(impls[name], inputs) if device == "cuda" else None}
             for name, t in times.items()}
-
-
-def _proc_status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
 def _peak_extra_cpu(impl: str, keys: int, dim: int) -> int:
@@ -106,39 +88,24 @@ def _peak_extra_cpu(impl: str, keys: int, dim: int) -> int:
     fn = _impls("cpu")[impl]
     inputs = _inputs(keys, dim, "cpu")
     _step(fn, *_inputs(64, dim, "cpu"))  # load libraries and start threads outside the measurement
-    rss = _proc_status_kib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current resident set
+    rss = reset_cpu_peak()
     _step(fn, *inputs)
-    return (_proc_status_kib("VmHWM") - rss) * 1024
-
-
-def _subprocess(*args: str, **env: str):
-    """Run this file with the hidden --_sub arguments in a fresh interpreter; return what it prints (JSON)."""
-    env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"), **env}
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--_sub", *args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return cpu_peak() - rss
 
 
 def run(quick: bool = False, device: str = "auto", out_dir: str | None = None) -> dict:
     """Benchmark every implementation on every shape; write loss.json and loss.md to out_dir if given."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    device = pick_device(device)
     reps = 3 if quick else 7
-    memory_on_cpu = device == "cpu" and os.path.exists("/proc/self/clear_refs")  # a resettable high-water mark
+    memory_on_cpu = device == "cpu" and can_measure_cpu_memory()
     cases = []
     for keys, dim in QUICK_SHAPES if quick else FULL_SHAPES:
-        measured = _subprocess("shape", str(keys), str(dim), device, str(reps))
+        measured = run_script(__file__, "shape", str(keys), str(dim), device, str(reps))
         shape_cases = []
         for impl, m in measured.items():
             peak = m["peak_extra"]
             if memory_on_cpu:
-                peak = _subprocess("memory", impl, str(keys), str(dim), MALLOC_MMAP_THRESHOLD_="65536")
+                peak = run_script(__file__, "memory", impl, str(keys), str(dim), MALLOC_MMAP_THRESHOLD_="65536")
             shape_cases.append({"K": keys, "D": dim, "impl": impl, "ms": m["ms"],
                                 "peak_extra_mib": None if peak is None else peak / 2**20})
         ref = shape_cases[0]
@@ -148,16 +115,12 @@ def run(quick: bool = False, device: str = "auto", out_dir: str | None = None) -
                                            else case["peak_extra_mib"] / ref["peak_extra_mib"])
         cases += shape_cases
     results = {
-        "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu, {torch.get_num_threads()} threads",
+        "device": device_name(device),
         "torch": torch.__version__, "B": BATCH, "dtype": "float32", "tau_s": TAU_S, "tau_t": TAU_T, "reps": reps,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
         "cases": cases, "target": _target(cases, "triton" if device == "cuda" and R.TRITON_AVAILABLE else "cpu"),
     }
-    if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "loss.json").write_text(json.dumps(results, indent=2) + "\n")
-        (out / "loss.md").write_text(to_markdown(results))
+    write(out_dir, "loss", results, to_markdown(results))
     return results
 
 
@@ -196,8 +159,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="two shapes, fewer runs (about a minute on CPU)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results"), help="folder for loss.json and loss.md")
-    parser.add_argument("--_sub", nargs="+", help=argparse.SUPPRESS)  # a measurement, run by _subprocess
+    parser.add_argument("--out", default=str(RESULTS), help="folder for loss.json and loss.md")
+    parser.add_argument("--_sub", nargs="+", help=argparse.SUPPRESS)  # a measurement, run by run_script
     args = parser.parse_args()
     if args._sub:
         kind, *rest = args._sub

@@ -10,8 +10,8 @@ turns run by run so that load from other processes hits both alike; every torch 
 (workers forked anew) and drops its first batches, so no run reads batches prefetched during another one.
 On CPU the main process uses one intra-op thread throughout (on a small, shared machine two threads contend
 badly; the torchvision workers are processes of their own).
-When fastssl.train exists, also end-to-end ReSSL training images/s with each pipeline (`train(cfg)` with
-max_steps; the rate the trainer reports, start-up included).
+Also end-to-end ReSSL training images/s with each pipeline (`train(cfg)` with max_steps; the rate the trainer
+reports over its steps).
 """
 
 from __future__ import annotations
@@ -19,27 +19,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import itertools
-import json
-import statistics
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-try:
-    from fastssl.pipelines.tensor_loader import TensorLoader
-    from fastssl.pipelines.torch_loader import TorchLoader
-except ImportError:  # not installed: import pipelines/, the folder that installs as fastssl.pipelines
-    sys.path.insert(0, str(ROOT))
-    from pipelines.tensor_loader import TensorLoader
-    from pipelines.torch_loader import TorchLoader
+from common import RESULTS, pick_device, summary, sync, write
 
 from fastssl import data
 from fastssl.config import TrainConfig
 from fastssl.methods.ressl import ReSSL
+from fastssl.pipelines.tensor_loader import TensorLoader
+from fastssl.pipelines.torch_loader import TorchLoader
 
 SIZE, BATCH, WORKERS = 32, 256, 2
 TARGET_SPEEDUP = 10.0  # the issue's bar: two-view 32 px images/s against the torchvision baseline
@@ -61,20 +51,14 @@ def _timed_run(loader, device: torch.device, epoch: int, skip: int, batches: int
     it = loader.epoch(epoch)
     for _ in itertools.islice(it, skip):
         pass
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync(device.type)
     start = time.perf_counter()
     for batch in itertools.islice(it, batches):
         pass
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync(device.type)
     elapsed = time.perf_counter() - start
     it.close()  # a torch epoch's workers stop here, before the other pipeline's run
     return batches * BATCH / elapsed
-
-
-def _summary(rates: list[float]) -> dict:
-    return {"median": statistics.median(rates), "min": min(rates), "max": max(rates), "runs": rates}
 
 
 def _loader_rates(device: torch.device, quick: bool) -> dict:
@@ -92,15 +76,12 @@ def _loader_rates(device: torch.device, quick: bool) -> dict:
                 rate = _timed_run(loader, device, rep, *plan[name])
             if rep:
                 rates[name].append(rate)
-    return {name: _summary(r) for name, r in rates.items()}
+    return {name: summary(r) for name, r in rates.items()}
 
 
 def _training_rates(device: torch.device, quick: bool) -> dict | None:
-    """End-to-end ReSSL images/s with each pipeline, or None when the trainer is not there."""
-    try:
-        from fastssl.train import train
-    except ImportError:
-        return None
+    """End-to-end ReSSL images/s with each pipeline."""
+    from fastssl.train import train
     arch = "resnet18" if device.type == "cuda" else "resnet18-w16"  # a full ResNet-18 takes minutes on a CPU
     steps = (50 if quick else 200) if device.type == "cuda" else (6 if quick else 12)
     out = {"arch": arch, "steps": steps}
@@ -114,11 +95,8 @@ def _training_rates(device: torch.device, quick: bool) -> dict | None:
 
 
 def run(quick: bool = False, device: str = "auto", out_dir: str | None = None) -> dict:
-    """Benchmark both pipelines (and training with each, if the trainer exists); write results to out_dir if given."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    """Benchmark both pipelines and training with each; write results to out_dir if given."""
+    device = pick_device(device)
     dev = torch.device(device)
     loaders = _loader_rates(dev, quick)
     speedup = loaders["tensor"]["median"] / loaders["torch"]["median"]
@@ -129,11 +107,7 @@ def run(quick: bool = False, device: str = "auto", out_dir: str | None = None) -
         "target": {"speedup": TARGET_SPEEDUP, "met": speedup >= TARGET_SPEEDUP},
         "training": _training_rates(dev, quick),
     }
-    if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "tensor_pipeline.json").write_text(json.dumps(results, indent=2) + "\n")
-        (out / "tensor_pipeline.md").write_text(to_markdown(results))
+    write(out_dir, "tensor_pipeline", results, to_markdown(results))
     return results
 
 
@@ -152,10 +126,9 @@ def to_markdown(results: dict) -> str:
     lines += ["", f"Target: tensor >= {target['speedup']:.0f}x torchvision: "
                   f"{results['speedup']:.1f}x, {'met' if target['met'] else 'NOT met'}."]
     training = results["training"]
-    if training is not None:
-        lines += ["", f"End-to-end ReSSL training, {training['arch']}, {training['steps']} steps (trainer's images/s, "
-                      f"start-up included): tensor {training['tensor']:.0f}, torch {training['torch']:.0f} "
-                      f"({training['tensor'] / training['torch']:.2f}x)."]
+    lines += ["", f"End-to-end ReSSL training, {training['arch']}, {training['steps']} steps (trainer's images/s): "
+                  f"tensor {training['tensor']:.0f}, torch {training['torch']:.0f} "
+                  f"({training['tensor'] / training['torch']:.2f}x)."]
     return "\n".join(lines) + "\n"
 
 
@@ -163,7 +136,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer and shorter runs (about a minute on CPU)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results"),
+    parser.add_argument("--out", default=str(RESULTS),
                         help="folder for tensor_pipeline.json and tensor_pipeline.md")
     args = parser.parse_args()
     print(to_markdown(run(args.quick, args.device, args.out)), end="")

@@ -4,6 +4,7 @@ becomes one line on stderr and exit status 2."""
 from __future__ import annotations
 
 import inspect
+import os
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -63,7 +64,6 @@ app.command("train", help="Pretrain an encoder. Example: fastssl train --data fa
 
 
 def _load_encoder(checkpoint_path: Path, device_name: str):
-    import torch
     from . import checkpoint
     from .config import from_dict
     from .train import build_method, pick_device
@@ -71,25 +71,20 @@ def _load_encoder(checkpoint_path: Path, device_name: str):
     if "config" not in state:
         raise UserError(f"{checkpoint_path} is not a fastssl training checkpoint (no config); pass the run's "
                         f"checkpoint.pt")
-    cfg = from_dict(state["config"])
-    size = cfg.image_size
-    if size is None:
-        from .data import load
-        size = load(cfg.data, "train").native_size or 224
-    cfg, method = build_method(cfg, size)
+    cfg, method = build_method(from_dict({**state["config"], "bn_splits": 1}))  # BN groups only matter in training
     method.load_state_dict(state["method"])
     device = pick_device(device_name)
-    return cfg, size, method.encoder().to(device), device
+    return cfg, method.encoder().to(device), device
 
 
 def _eval_features(checkpoint_path: Path, data: Optional[str], device: str, workers: int, precision: str):
     from .data import load
     from .evaluate import extract_features
     from .train import pick_precision
-    cfg, size, encoder, dev = _load_encoder(checkpoint_path, device)
+    cfg, encoder, dev = _load_encoder(checkpoint_path, device)
     data = data or cfg.data
     train_set, test_set = load(data, "train"), load(data, "test")
-    kw = dict(size=size, device=dev, workers=workers, precision=pick_precision(precision, dev))
+    kw = dict(size=cfg.image_size, device=dev, workers=workers, precision=pick_precision(precision, dev))
     return (extract_features(encoder, train_set, **kw), train_set.labels,
             extract_features(encoder, test_set, **kw), test_set.labels, data)
 
@@ -116,6 +111,28 @@ def eval_linear(checkpoint: Path = _CKPT, data: Optional[str] = _DATA,
     from .evaluate import linear_probe
     train_f, train_y, test_f, test_y, data = _eval_features(checkpoint, data, device, workers, precision)
     print(f"linear probe top-1 on {data}: {linear_probe(train_f, train_y, test_f, test_y, epochs=epochs, lr=lr):.2f}%")
+
+
+@app.command("convert", help="Write a data set as an FFCV .beton for --pipeline ffcv, listing unreadable images. "
+                              "Example: fastssl convert imagenet --to ffcv --out imagenet_train.beton")
+def convert_command(
+        src: str = typer.Argument(..., help="fashion-mnist | cifar10 | cifar100, a folder holding one, an ImageFolder "
+                                            "root with train/ and val/, or a folder of class folders"),
+        to: str = typer.Option("ffcv", help="output format (ffcv)"),
+        out: Optional[Path] = typer.Option(None, help="the .beton to write (default: SRC_SPLIT.beton); name the "
+                                                      "splits NAME_train.beton and NAME_val.beton"),
+        split: str = typer.Option("train", help="train | val"),
+        max_resolution: int = typer.Option(512, help="longest side kept in pixels (0: as stored)"),
+        jpeg_quality: int = typer.Option(90, help="JPEG quality of the stored images"),
+        write_mode: str = typer.Option("smart", help="raw (pixels) | jpg | smart (raw up to 64x64 px, JPEG above) "
+                                                     "| proportion (JPEG with --compress-probability)"),
+        compress_probability: float = typer.Option(0.5, help="write mode proportion: share stored as JPEG"),
+        workers: int = typer.Option(os.cpu_count() or 1, help="worker processes"),
+        force: bool = typer.Option(False, help="overwrite an existing --out")):
+    from .pipelines.convert import convert
+    report = convert(src, out, to=to, split=split, max_resolution=max_resolution, jpeg_quality=jpeg_quality,
+                     write_mode=write_mode, compress_probability=compress_probability, workers=workers, force=force)
+    print(report.summary())
 
 
 def main() -> None:

@@ -35,6 +35,7 @@ class TrainConfig:
     momentum: float | None = None
     proj_hidden: int | None = None
     proj_dim: int | None = None
+    crops: int = 1
     bn_splits: int = 8
     out: str = "runs/fastssl"
     resume: bool = False
@@ -60,8 +61,10 @@ HELP = {
     "arch": "backbone: resnet18 | resnet34 | resnet50, or narrowed as resnet18-w16 (base width 16, not 64); "
             "inputs of at most 64 px get the 3x3 stride-1 stem without max-pool",
     "data": "fashion-mnist | cifar10 | cifar100, or a folder: an ImageFolder root with train/ and val/, or a "
-            "folder holding one of the named sets",
-    "pipeline": "data pipeline making the views",
+            "folder holding one of the named sets; or NAME_train.beton from `fastssl convert` (test split: "
+            "NAME_val.beton beside it)",
+    "pipeline": "data pipeline making the views: torch (torchvision workers) | tensor (small sets on the device) "
+                "| dali (folders and named sets) | ffcv (a .beton)",
     "image_size": "training view side in pixels (default: the named set's own size, 224 for folders)",
     "epochs": "training epochs",
     "batch_size": "global batch size (split across processes under torchrun)",
@@ -70,14 +73,17 @@ HELP = {
     "warmup_epochs": "linear warm-up epochs before the per-iteration cosine",
     "final_lr_ratio": "the cosine ends at lr x this",
     "queue_size": "queue length K (ReSSL/ISD anchors, MoCo negatives)",
-    "tau_s": "student temperature",
+    "tau_s": "student temperature (mocov2: the InfoNCE one; resa: the softmax over the batch)",
     "tau_t": "teacher temperature (must be below tau_s)",
     "momentum": "teacher EMA momentum (the start of the cosine schedule where the method uses one)",
-    "proj_hidden": "projection head hidden width",
-    "proj_dim": "projection (embedding) dimension",
+    "proj_hidden": "projection head hidden width (isd: 2x the backbone width when unset)",
+    "proj_dim": "projection (embedding) dimension (isd: 1/4 of the backbone width when unset)",
+    "crops": "student crops per image for ReSSL multi-crop: 1 = the strong view only, up to 5 = ReSSL's "
+             "224/192/160/128/96 px set scaled to the image size",
     "bn_splits": "BatchNorm statistics groups in one process (split-BN; 1 = plain BN; unused under torchrun)",
     "out": "run folder: checkpoint.pt, backbone.pt, metrics.csv, tb/, knn.png, summary.json",
-    "resume": "continue the run in --out from its checkpoint (its settings; --epochs may be raised)",
+    "resume": "continue the run in --out from its checkpoint, with its settings (but --epochs, --max-steps, "
+              "--device, --workers)",
     "device": "auto | cpu | cuda",
     "precision": "auto | fp32 | bf16 (auto: bf16 autocast on CUDA and on CPUs with native bf16)",
     "channels_last": "channels_last memory format for the convolutions",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import torch
 import torch.nn as nn
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from .data import ImageSet
+from .data import BetonSet, ImageSet
 
 
 class _EvalViews(Dataset):
@@ -29,7 +30,10 @@ class _EvalViews(Dataset):
 
 def _batches(images: ImageSet, size: int, batch_size: int, workers: int):
     """uint8 [B,3,size,size] batches of the whole split, in order."""
-    if images.in_memory:
+    if isinstance(images, BetonSet):  # an FFCV file, read by FFCV with the same centre crop
+        from .pipelines.ffcv_loader import eval_batches
+        yield from eval_batches(images, size, batch_size, workers)
+    elif images.in_memory:
         for i in range(0, len(images), batch_size):
             x = images.images[i:i + batch_size].permute(0, 3, 1, 2)
             yield x if x.shape[-1] == size else v2.functional.resize(x, [size, size], antialias=True)
@@ -56,6 +60,30 @@ def extract_features(encoder: nn.Module, images: ImageSet, size: int, device: to
             feats.append(encoder(x).float())
     encoder.train(was_training)
     return torch.cat(feats)
+
+
+@torch.no_grad()
+def with_data_bn_stats(encoder: nn.Module, images: ImageSet, size: int, device: torch.device, *,
+                       batch_size: int = 512, channels_last: bool = True) -> nn.Module:
+    """A copy of the encoder whose BatchNorm running statistics are those of one batch of `images`.
+
+    For the random-init reference: a fresh network's running statistics are placeholders (mean 0, var 1), and
+    evaluating with them measures an unnormalised random net (Fashion-MNIST, ResNet-18-w16: 74% kNN, against 55%
+    with the statistics of the data). Training replaces them within its first steps, so the curve's starting
+    point is the same weights with the statistics they would have on the data.
+    """
+    splits = max([getattr(m, "splits", 1) for m in encoder.modules()])
+    n = min(batch_size, len(images)) // splits * splits
+    x = next(_batches(images.subset(n), size, n, 0))
+    mean = torch.tensor(images.mean_std[0], device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(images.mean_std[1], device=device).view(1, 3, 1, 1) * 255
+    x = (x.to(device).float() - mean) / std
+    calibrated = copy.deepcopy(encoder).train()
+    for m in calibrated.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.momentum = 1.0  # running statistics := this batch's
+    calibrated(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
+    return calibrated.eval()
 
 
 @torch.no_grad()

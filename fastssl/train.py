@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -17,8 +19,12 @@ from . import checkpoint, data, dist, methods
 from . import pipelines
 from .config import TrainConfig, from_dict, resolve, to_dict
 from .errors import UserError
-from .evaluate import extract_features, knn_accuracy
+from .evaluate import extract_features, knn_accuracy, with_data_bn_stats
 from .models import SMALL_IMAGE_MAX, build_backbone, split_batchnorm
+
+
+# Settings a resumed run takes from its command line; every other one comes from the checkpoint.
+RESUME_OVERRIDES = ("epochs", "max_steps", "device", "workers", "resume", "out")
 
 
 def pick_device(name: str) -> torch.device:
@@ -26,8 +32,10 @@ def pick_device(name: str) -> torch.device:
         raise UserError("--device cuda asked for but no CUDA device is visible; use --device cpu or auto")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and dist.is_dist():
-        return torch.device("cuda", torch.cuda.current_device())
+    if name == "cuda":  # torchrun starts one process per GPU and tells each its GPU by LOCAL_RANK
+        index = dist.local_rank()
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
     return torch.device(name)
 
 
@@ -59,30 +67,47 @@ def warmup_cosine(warmup_steps: int, total_steps: int, final_ratio: float):
     return factor
 
 
-def image_size(cfg: TrainConfig, images: data.ImageSet) -> int:
-    return cfg.image_size or images.native_size or 224
-
-
-def build_method(cfg: TrainConfig, size: int, world: int = 1) -> tuple[TrainConfig, methods.base.Method]:
+def build_method(cfg: TrainConfig, world: int = 1) -> tuple[TrainConfig, methods.base.Method]:
     """Resolve the recipe defaults and build the method (student, teacher, heads, queue) on CPU."""
     method_cls = methods.get(cfg.method)
+    size = cfg.image_size
     cfg = resolve(cfg, method_cls.defaults(small=size <= SMALL_IMAGE_MAX))
     torch.manual_seed(cfg.seed)
     backbone = build_backbone(cfg.arch, size)
     if world == 1:  # under DDP every GPU's BN already sees its own slice of the batch
+        if cfg.batch_size % cfg.bn_splits:
+            raise UserError(f"batch size {cfg.batch_size} is not a multiple of bn_splits={cfg.bn_splits}; change "
+                            f"either (--bn-splits 1 turns split BatchNorm off)")
         split_batchnorm(backbone, cfg.bn_splits)
     return cfg, method_cls(cfg, backbone)
 
 
-class Logger:
-    """CSV + TensorBoard rows on rank 0."""
+def train_step(method, views: dict, opt: torch.optim.Optimizer, amp, progress: float):
+    """One optimisation step: the method's loss under autocast, backward, optimiser step, then the method's
+    post-step updates (queue). Returns the loss (not synchronised) and the method's extra statistics."""
+    with amp:
+        loss, stats = method.step(views, progress)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    method.after_step()
+    return loss.detach(), stats
 
-    def __init__(self, out: Path, enabled: bool):
+
+class Logger:
+    """CSV + TensorBoard rows on rank 0. A resumed run first drops the rows logged after its checkpoint."""
+
+    def __init__(self, out: Path, enabled: bool, start_step: int = 0):
         self.enabled = enabled
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(out / "tb")
+            self.tb = SummaryWriter(out / "tb", purge_step=start_step or None)
             self.csv_path = out / "metrics.csv"
+            if start_step and self.csv_path.exists():
+                with open(self.csv_path, newline="") as f:
+                    rows = [r for r in csv.reader(f) if r[0] == "step" or int(r[0]) <= start_step]
+                with open(self.csv_path, "w", newline="") as f:
+                    csv.writer(f).writerows(rows)
 
     def log(self, step: int, **values: float) -> None:
         if not self.enabled:
@@ -110,7 +135,10 @@ class KnnMonitor:
                        channels_last=cfg.channels_last)
         self.k, self.t = cfg.knn_k, cfg.knn_t
 
-    def __call__(self, encoder) -> float:
+    def __call__(self, encoder, data_bn_stats: bool = False) -> float:
+        if data_bn_stats:
+            encoder = with_data_bn_stats(encoder, self.bank, self.kw["size"], self.kw["device"],
+                                         channels_last=self.kw["channels_last"])
         bank = extract_features(encoder, self.bank, **self.kw)
         queries = extract_features(encoder, self.queries, **self.kw)
         return knn_accuracy(bank, self.bank.labels, queries, self.queries.labels, self.k, self.t)
@@ -122,7 +150,9 @@ def train(cfg: TrainConfig) -> dict:
     state = None
     if cfg.resume:
         state = checkpoint.load(ckpt_path)
-        cfg = from_dict({**state["config"], **{k: getattr(cfg, k) for k in ("epochs", "resume", "out")}})
+        cfg = from_dict({**state["config"], **{k: getattr(cfg, k) for k in RESUME_OVERRIDES}})
+    elif ckpt_path.exists():
+        raise UserError(f"{out} already holds a run ({ckpt_path}); continue it with --resume, or pass another --out")
     device = pick_device(cfg.device)
     dist.init_from_env(device)
     rank, world = dist.rank(), dist.world_size()
@@ -132,8 +162,8 @@ def train(cfg: TrainConfig) -> dict:
     precision = pick_precision(cfg.precision, device)
 
     train_set = data.load(cfg.data, "train").subset(cfg.train_subset, cfg.seed)
-    size = image_size(cfg, train_set)
-    cfg, method = build_method(cfg, size, world)
+    size = cfg.image_size or train_set.native_size or 224
+    cfg, method = build_method(dataclasses.replace(cfg, image_size=size), world)
     method.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
     if world > 1:
         method.distributed_student = DistributedDataParallel(method.trainable())
@@ -165,7 +195,7 @@ def train(cfg: TrainConfig) -> dict:
               f"{' compiled' if cfg.compile else ''} | {world} process(es)")
         print(f"lr {lr:.4g} = {cfg.lr} x batch {cfg.batch_size} / 256 | {cfg.epochs} epochs x {steps_per_epoch} "
               f"steps{f', resuming at step {step}' if step else ''}")
-    logger = Logger(out, main)
+    logger = Logger(out, main, step)
     monitor = KnnMonitor(cfg, size, device, precision) if main else None
 
     def save(epoch_: int, batch_: int) -> None:
@@ -176,42 +206,40 @@ def train(cfg: TrainConfig) -> dict:
 
     def monitor_knn(epoch_: int) -> None:
         if main:
-            history.append((epoch_, monitor(method.encoder())))
+            history.append((epoch_, monitor(method.encoder(), data_bn_stats=step == 0)))
             logger.log(step, knn_top1=history[-1][1])
             tqdm.write(f"epoch {epoch_}: kNN top-1 {history[-1][1]:.2f}%")
 
     if main and cfg.knn_every and not history:
-        monitor_knn(0)  # the random-init reference point of the curve
+        monitor_knn(0)  # the random-init reference point of the curve (BN statistics of the data)
     stop = cfg.max_steps and step >= cfg.max_steps
     amp = autocast(precision, device)
-    t_start, step_start, loss_sum = time.perf_counter(), step, torch.zeros((), device=device)
+    step_start, train_seconds = step, 0.0  # images/s counts the steps only, not the kNN monitor
     while epoch < cfg.epochs and not stop:
         method.train()
         bar = tqdm(loader.epoch(epoch, start_batch), total=steps_per_epoch, initial=start_batch,
-                   desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not main, dynamic_ncols=True)
+                   desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not main, dynamic_ncols=True,
+                   mininterval=0.5 if sys.stderr.isatty() else 30)  # a log file gets a line per 30 s
+        epoch_start = window_start = time.perf_counter()
+        loss_sum, window_steps = torch.zeros((), device=device), 0
         for batch_idx, views in enumerate(bar, start=start_batch):
-            with amp:
-                loss, stats = method.step(views, step / total_steps)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            loss, stats = train_step(method, views, opt, amp, step / total_steps)
             sched.step()
-            method.after_step()
-            step += 1
-            loss_sum += loss.detach()
+            step, window_steps, loss_sum = step + 1, window_steps + 1, loss_sum + loss
             if step % cfg.log_every == 0:  # the only host sync of the loop
-                rate = (step - step_start) * cfg.batch_size / (time.perf_counter() - t_start)
-                mean_loss = loss_sum.item() / cfg.log_every
-                loss_sum.zero_()
+                mean_loss = loss_sum.item() / window_steps
+                rate = window_steps * cfg.batch_size / (time.perf_counter() - window_start)
                 bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{rate:.0f}", lr=f"{sched.get_last_lr()[0]:.3g}")
                 logger.log(step, loss=mean_loss, lr=sched.get_last_lr()[0], images_per_s=rate,
                            **{k: float(v) for k, v in stats.items()})
+                window_start, loss_sum, window_steps = time.perf_counter(), torch.zeros_like(loss_sum), 0
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                 save(epoch, batch_idx + 1)
             if cfg.max_steps and step >= cfg.max_steps:
                 stop = True
                 break
         bar.close()
+        train_seconds += time.perf_counter() - epoch_start
         if stop and batch_idx + 1 < steps_per_epoch:
             save(epoch, batch_idx + 1)
             break
@@ -219,7 +247,7 @@ def train(cfg: TrainConfig) -> dict:
         save(epoch, 0)
         if cfg.knn_every and (epoch % cfg.knn_every == 0 or epoch == cfg.epochs):
             monitor_knn(epoch)
-    images_per_s = (step - step_start) * cfg.batch_size / (time.perf_counter() - t_start)
+    images_per_s = (step - step_start) * cfg.batch_size / max(train_seconds, 1e-9)
 
     summary = {"steps": step, "epochs": epoch, "images_per_s": images_per_s, "knn_history": history}
     if main:

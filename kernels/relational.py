@@ -69,4 +69,5 @@ def relational_loss(q, k, queue, tau_s: float, tau_t: float, *, impl: str = "aut
     _check(q, k, queue, tau_s, tau_t)
     if not all(t.is_floating_point() for t in (q, k, queue)):
         raise ValueError(f"expected floating-point tensors, got {q.dtype}, {k.dtype}, {queue.dtype}")
-    return _IMPLS[impl](q, k, queue, tau_s, tau_t, reduction=reduction)
+    with torch.autocast(q.device.type, enabled=False):  # under autocast the reference's logits would be bf16
+        return _IMPLS[impl](q, k, queue, tau_s, tau_t, reduction=reduction)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
+from types import ModuleType
 from typing import Iterator, Protocol
 
 import torch
 
+from fastssl.errors import UserError
 from fastssl.views import ViewSpec
 
 
@@ -17,6 +20,19 @@ class Loader(Protocol):
     def __len__(self) -> int: ...  # batches per epoch
 
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[dict[str, torch.Tensor]]: ...
+
+
+# What installs each optional dependency (DALI wheels are per CUDA major version).
+EXTRAS = {"dali": "pip install 'fastssl[dali]' ('fastssl[dali-cuda120]' with a CUDA 12 build of torch)",
+          "ffcv": "pip install 'fastssl[ffcv]'"}
+
+
+def optional(module: str, extra: str) -> ModuleType:
+    """Import an optional dependency (DALI, FFCV), or say in one line how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise UserError(f"{extra.upper()} is not installed ({e}); {EXTRAS[extra]}") from None
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:

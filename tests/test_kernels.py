@@ -13,7 +13,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,13 +20,8 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-try:
-    from fastssl.kernels import relational as R
-    from fastssl.kernels.relational_cpu import relational_loss_cpu
-except ImportError:  # not installed: import kernels/, the folder that installs as fastssl.kernels
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from kernels import relational as R
-    from kernels.relational_cpu import relational_loss_cpu
+from fastssl.kernels import relational as R
+from fastssl.kernels.relational_cpu import relational_loss_cpu
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 

@@ -18,4 +18,4 @@ def get(name: str) -> type:
     return METHODS[name]
 
 
-from . import ressl  # noqa: E402,F401  (registers)
+from . import byol, isd, mocov2, resa, ressl  # noqa: E402,F401  (registers)

@@ -14,12 +14,14 @@ import torch
 import torch.nn as nn
 
 from ..config import TrainConfig
+from ..errors import UserError
 from ..views import ViewSpec
 
 
 class Method(nn.Module):
     name: ClassVar[str]
     backprops_per_image: ClassVar[int]  # student backward passes per image: the "1x vs 2x" cost
+    max_crops: ClassVar[int] = 1  # student crops per image the method can take (cfg.crops; multi-crop)
 
     @staticmethod
     def defaults(small: bool) -> dict:
@@ -33,6 +35,9 @@ class Method(nn.Module):
 
     def __init__(self, cfg: TrainConfig, backbone: nn.Module):
         super().__init__()
+        if not 1 <= cfg.crops <= self.max_crops:
+            raise UserError(f"crops={cfg.crops}: {self.name} takes " + (
+                f"1 to {self.max_crops} student crops" if self.max_crops > 1 else "no multi-crop; leave crops at 1"))
         self.cfg = cfg
         self.distributed_student: nn.Module | None = None  # a DDP wrapper of `student`, kept outside the state
 
@@ -53,6 +58,12 @@ class Method(nn.Module):
     def trainable(self) -> nn.Module:
         """The module whose parameters the optimiser updates (wrapped in DDP under torchrun)."""
         return self.student
+
+
+def fp32(like: torch.Tensor):
+    """A region with autocast off, for a loss's small matmuls: logits and similarities stay fp32 (the networks
+    around it still run in bf16). `like` gives the device type."""
+    return torch.autocast(like.device.type, enabled=False)
 
 
 def cosine_momentum(base: float, progress: float) -> float:

@@ -2,6 +2,10 @@
 
 Student sees the strong view, the EMA teacher the weak view (crop + flip); both are compared with a FIFO
 queue of past teacher embeddings; the teacher's embeddings are enqueued after the loss. 1x backprop.
+
+Multi-crop (cfg.crops > 1): the student also gets smaller strong crops ("crop1", ...; ReSSL's 224/192/160/128/96 px
+set scaled to the image size), each compared with the teacher's one weak-view distribution; losses averaged.
+Each extra crop is one more (smaller) student backward pass, which backprops_per_image does not count.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import torch.nn.functional as F
 from ..kernels import relational_loss
 from ..models import ema_update, mlp
 from ..queue import EmbeddingQueue
-from ..views import strong, weak
+from ..views import MULTI_CROP_224, multi_crop, strong, weak
 from . import register
 from .base import Method
 
@@ -24,6 +28,7 @@ from .base import Method
 class ReSSL(Method):
     name = "ressl"
     backprops_per_image = 1
+    max_crops = len(MULTI_CROP_224)
 
     @staticmethod
     def defaults(small: bool) -> dict:
@@ -35,7 +40,9 @@ class ReSSL(Method):
     @staticmethod
     def views(cfg, size, mean, std):
         blur_p = 0.0 if size <= 64 else 0.5  # the CIFAR recipes drop blur
-        return {"weak": weak(size, mean=mean, std=std), "strong": strong(size, blur_p=blur_p, mean=mean, std=std)}
+        student = multi_crop(strong(size, blur_p=blur_p, mean=mean, std=std), cfg.crops)  # [0] is the strong view
+        return {"weak": weak(size, mean=mean, std=std), "strong": student[0],
+                **{f"crop{i}": spec for i, spec in enumerate(student[1:], 1)}}
 
     def __init__(self, cfg, backbone):
         super().__init__(cfg, backbone)
@@ -48,7 +55,9 @@ class ReSSL(Method):
         ema_update(self.teacher, self.student, self.cfg.momentum)  # before the teacher forward, as the papers do
         with torch.no_grad():
             k = F.normalize(self.teacher(views["weak"]).float(), dim=1)
-        q = F.normalize(self.student_forward(views["strong"]).float(), dim=1)
+        crops = [views["strong"]] + [views[f"crop{i}"] for i in range(1, self.cfg.crops)]
+        qs = [F.normalize(self.student_forward(x).float(), dim=1) for x in crops]  # one forward per crop size
+        q = torch.stack(qs) if len(qs) > 1 else qs[0]  # [C,B,D]: the kernel streams the teacher once for all
         loss = relational_loss(q, k, self.queue.rows, self.cfg.tau_s, self.cfg.tau_t)
         self._keys = k
         return loss, {}

@@ -1,0 +1,187 @@
+"""Training-step benchmark: images/s, peak memory and model-FLOP utilisation per method and setting.
+
+    python bench/step.py [--quick] [--device auto|cpu|cuda] [--arch A] [--size S] [--batch B] [--out DIR]
+
+Times `fastssl.train.train_step` (the loop's own step: the method's loss under autocast, backward, SGD, queue)
+on random views of the method's view sizes, so the pipeline is left out. Every (method, setting) runs in a fresh
+subprocess: warm-up steps (torch.compile compiles there), then `reps` timed runs of `steps` steps; images/s is
+the median with its spread. Peak memory is what training needs above the built model (activations, gradients,
+optimizer state): torch.cuda.max_memory_allocated on CUDA, the resident-set high-water mark on CPU.
+Model FLOPs per image are counted by torch's FlopCounterMode over one step (forward, backward and the teacher's
+forward); MFU = FLOPs per image x images/s / the matmul peak measured in the same run, in the setting's dtype.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from common import (RESULTS, can_measure_cpu_memory, cpu_peak, device_name, pick_device, reset_cpu_peak,
+                    run_script, summary, sync, write)
+
+# name: (precision, channels_last, compile)
+SETTINGS = {"fp32": ("fp32", False, False), "fp32 channels_last": ("fp32", True, False),
+            "bf16 channels_last": ("bf16", True, False), "bf16 channels_last compiled": ("bf16", True, True)}
+METHOD_ORDER = ("ressl", "isd", "resa", "mocov2", "byol")
+
+
+def defaults(device: str) -> dict:
+    """A CIFAR-sized ResNet-18 on a CPU; ImageNet-sized ResNet-50 on a GPU."""
+    if device == "cuda":
+        return {"arch": "resnet50", "size": 224, "batch": 128}
+    return {"arch": "resnet18", "size": 32, "batch": 64}
+
+
+def _build(method: str, arch: str, size: int, batch: int, device: str, setting: str):
+    from fastssl.config import TrainConfig
+    from fastssl.train import autocast, build_method
+    precision, channels_last, compiled = SETTINGS[setting]
+    dev = torch.device(device)
+    cfg, m = build_method(TrainConfig(method=method, arch=arch, image_size=size, batch_size=batch))
+    m.to(dev, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    if compiled:
+        for module in m.children():
+            module.compile()
+    g = torch.Generator(dev).manual_seed(0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    views = {role: torch.randn(batch, 3, spec.size, spec.size, generator=g, device=dev).contiguous(memory_format=fmt)
+             for role, spec in m.views(cfg, size, (0.5,) * 3, (0.25,) * 3).items()}
+    opt = torch.optim.SGD(m.trainable().parameters(), lr=0.01, momentum=0.9, weight_decay=cfg.weight_decay)
+    return m, views, opt, autocast(precision, dev)
+
+
+def _measure(method: str, arch: str, size: int, batch: int, device: str, setting: str, steps: int, reps: int) -> dict:
+    """Subprocess side: images/s runs and peak extra memory of one (method, setting)."""
+    from fastssl.train import train_step
+    m, views, opt, amp = _build(method, arch, size, batch, device, setting)
+    base = torch.cuda.memory_allocated() if device == "cuda" else reset_cpu_peak()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for i in range(3 if SETTINGS[setting][2] else 2):  # warm-up (and compilation)
+        train_step(m, views, opt, amp, 0.5)
+    rates = []
+    for _ in range(reps):
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            loss, _ = train_step(m, views, opt, amp, 0.5)
+        sync(device)
+        rates.append(steps * batch / (time.perf_counter() - start))
+    peak = torch.cuda.max_memory_allocated() - base if device == "cuda" else cpu_peak() - base
+    return {"images_per_s": summary(rates), "peak_extra_mib": peak / 2**20, "loss": float(loss),
+            "backprops_per_image": type(m).backprops_per_image}
+
+
+def _flops_per_image(method: str, arch: str, size: int, batch: int) -> float:
+    """Subprocess side: FLOPs of one training step per image (fp32, CPU; the count does not depend on either)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fastssl.train import train_step
+    m, views, opt, amp = _build(method, arch, size, batch, "cpu", "fp32")
+    with FlopCounterMode(display=False) as counter:
+        train_step(m, views, opt, amp, 0.5)
+    return counter.get_total_flops() / batch
+
+
+def _matmul_peak(device: str, dtype: str, reps: int) -> float:
+    """Subprocess side: the best FLOP/s of a large square matmul in this dtype."""
+    n = 4096 if device == "cuda" else 1024
+    a, b = (torch.randn(n, n, device=device, dtype=getattr(torch, dtype)) for _ in range(2))
+    best = 0.0
+    for _ in range(reps + 2):
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(10):
+            torch.mm(a, b)
+        sync(device)
+        best = max(best, 10 * 2 * n**3 / (time.perf_counter() - start))
+    return best
+
+
+def methods_available() -> list[str]:
+    from fastssl.methods import METHODS
+    return [m for m in METHOD_ORDER if m in METHODS]
+
+
+def run(quick: bool = False, device: str = "auto", arch: str | None = None, size: int | None = None,
+        batch: int | None = None, out_dir: str | None = None) -> dict:
+    device = pick_device(device)
+    shape = {**defaults(device), **{k: v for k, v in dict(arch=arch, size=size, batch=batch).items() if v}}
+    steps, reps = (3, 3) if quick else (5, 5)
+    if device == "cuda":
+        steps *= 4
+    settings = ["fp32", "bf16 channels_last"] if quick else list(SETTINGS)
+    methods = methods_available()
+    peaks = {dt: run_script(__file__, "peak", device, dt, str(reps)) for dt in ("float32", "bfloat16")}
+    cases = []
+    for method in methods:
+        flops = run_script(__file__, "flops", method, shape["arch"], str(shape["size"]), str(shape["batch"]))
+        for setting in settings:
+            m = run_script(__file__, "step", method, shape["arch"], str(shape["size"]), str(shape["batch"]), device,
+                           setting, str(steps), str(reps))
+            peak = peaks["bfloat16" if SETTINGS[setting][0] == "bf16" else "float32"]
+            cases.append({"method": method, "setting": setting, **m, "flops_per_image": flops,
+                          "mfu": flops * m["images_per_s"]["median"] / peak})
+    ratios = {}
+    for setting in settings:  # the 1x-backprop claim: ReSSL's step time over BYOL-symmetric's, same run
+        rate = {c["method"]: c["images_per_s"]["median"] for c in cases if c["setting"] == setting}
+        if "ressl" in rate and "byol" in rate:
+            ratios[setting] = rate["byol"] / rate["ressl"]
+    results = {"device": device_name(device), "torch": torch.__version__, **shape, "steps": steps, "reps": reps,
+               "matmul_peak_flops": peaks, "memory_measured": device == "cuda" or can_measure_cpu_memory(),
+               "cases": cases, "ressl_over_byol_step_time": ratios,
+               "target": {"max_ressl_over_byol": 0.55,
+                          "met": bool(ratios) and all(r <= 0.55 for r in ratios.values())}}
+    write(out_dir, "step", results, to_markdown(results))
+    return results
+
+
+def to_markdown(results: dict) -> str:
+    peaks = results["matmul_peak_flops"]
+    lines = [f"Training step, {results['arch']} at {results['size']} px, batch {results['batch']}; {results['device']}, "
+             f"torch {results['torch']}; images/s median (min-max) of {results['reps']} runs of {results['steps']} "
+             f"steps. Matmul peak measured in this run: fp32 {peaks['float32'] / 1e9:.0f} GFLOP/s, "
+             f"bf16 {peaks['bfloat16'] / 1e9:.0f} GFLOP/s.", "",
+             "| method | setting | backprops/image | images/s | peak extra MiB | GFLOP/image | MFU |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for c in results["cases"]:
+        r = c["images_per_s"]
+        lines.append(f"| {c['method']} | {c['setting']} | {c['backprops_per_image']} | {r['median']:.1f} "
+                     f"({r['min']:.1f}-{r['max']:.1f}) | {c['peak_extra_mib']:.0f} | {c['flops_per_image'] / 1e9:.2f} "
+                     f"| {c['mfu']:.1%} |")
+    if results["ressl_over_byol_step_time"]:
+        parts = ", ".join(f"{s}: {r:.2f}" for s, r in results["ressl_over_byol_step_time"].items())
+        lines += ["", f"ReSSL step time / BYOL-symmetric step time (target <= "
+                      f"{results['target']['max_ressl_over_byol']}): {parts} — "
+                      f"{'met' if results['target']['met'] else 'NOT met'}."]
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="two settings, fewer steps")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--arch", help="backbone (default: resnet18 on CPU, resnet50 on CUDA)")
+    parser.add_argument("--size", type=int, help="view side in px (default: 32 on CPU, 224 on CUDA)")
+    parser.add_argument("--batch", type=int, help="batch size (default: 64 on CPU, 128 on CUDA)")
+    parser.add_argument("--out", default=str(RESULTS), help="folder for step.json and step.md")
+    parser.add_argument("--_sub", nargs="+", help=argparse.SUPPRESS)  # a measurement, run by run_script
+    args = parser.parse_args()
+    if args._sub:
+        import json
+        kind, *rest = args._sub
+        if kind == "peak":
+            print(json.dumps(_matmul_peak(rest[0], rest[1], int(rest[2]))))
+        elif kind == "flops":
+            print(json.dumps(_flops_per_image(rest[0], rest[1], int(rest[2]), int(rest[3]))))
+        else:
+            method, arch, size, batch, device, setting, steps, reps = rest
+            print(json.dumps(_measure(method, arch, int(size), int(batch), device, setting, int(steps), int(reps))))
+        return
+    print(to_markdown(run(args.quick, args.device, args.arch, args.size, args.batch, args.out)), end="")
+
+
+if __name__ == "__main__":
+    main()

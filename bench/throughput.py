@@ -1,0 +1,113 @@
+"""The whole trainer measured on this machine: loaders, the relational loss, the training step, end to end.
+
+    python bench/throughput.py [--quick] [--device auto|cpu|cuda] [--data DIR] [--out DIR]
+
+Runs the four benchmarks in turn (each also runs alone: bench/pipelines.py, bench/loss.py, bench/step.py,
+bench/end_to_end.py) and writes `results.json` (device, versions, settings, every figure), `results.md` (their
+tables) and `throughput.png` (bar charts) to --out (default bench/results/), and prints the tables. Every figure
+is the median of repeated timed runs after warm-up, with its spread; ratios are taken within this run.
+`--quick` runs fewer shapes, settings and repetitions (about 5 minutes on 2 CPU cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import end_to_end
+import loss
+import pipelines
+import step
+import torch
+from common import RESULTS, device_name, pick_device
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    for name, module in (("triton", "triton"), ("dali", "nvidia.dali"), ("ffcv", "ffcv")):
+        try:
+            out[name] = __import__(module, fromlist=["__version__"]).__version__
+        except ImportError:
+            out[name] = None
+    return out
+
+
+def run(quick: bool, device: str, data: str | None, out_dir: str) -> dict:
+    device = pick_device(device)
+    sections = {}
+    for name, fn in (("loader", lambda: pipelines.run(quick=quick, device=device, data_dir=data, out_dir=out_dir)),
+                     ("loss", lambda: loss.run(quick=quick, device=device, out_dir=out_dir)),
+                     ("step", lambda: step.run(quick=quick, device=device, out_dir=out_dir)),
+                     ("end_to_end", lambda: end_to_end.run(quick=quick, device=device, out_dir=out_dir))):
+        start = time.perf_counter()
+        sections[name] = fn()
+        sections[name]["seconds"] = time.perf_counter() - start
+        print(f"[{name}: {sections[name]['seconds']:.0f} s]", flush=True)
+    results = {"device": device_name(device), "machine": platform.processor() or platform.machine(),
+               "versions": versions(), "quick": quick, **sections}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "results.md").write_text(to_markdown(results))
+    plot(results, out / "throughput.png")
+    return results
+
+
+def to_markdown(results: dict) -> str:
+    v = results["versions"]
+    head = [f"# fastssl throughput on {results['device']}", "",
+            "Versions: " + ", ".join(f"{k} {v[k]}" for k in v if v[k]) + ". Made by `python bench/throughput.py"
+            + (" --quick" if results["quick"] else "") + "`.", ""]
+    parts = [("Loaders: two views per image", pipelines.to_markdown(results["loader"])),
+             ("Relational loss: reference vs fused", loss.to_markdown(results["loss"])),
+             ("Training step: 1x vs 2x backprop, precision and layout", step.to_markdown(results["step"])),
+             ("End to end: `fastssl train` per pipeline", end_to_end.to_markdown(results["end_to_end"]))]
+    return "\n".join(head + [f"## {title}\n\n{table}" for title, table in parts])
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.5))
+
+    def bars(ax, labels, values, title, unit):
+        ax.barh(labels, values, color="tab:blue")
+        ax.set(title=title, xlabel=unit)
+        ax.invert_yaxis()
+        for i, v in enumerate(values):
+            ax.text(v, i, f" {v:.3g}", va="center", fontsize=8)
+
+    rows = results["loader"]["sizes"]["224"]["rows"]
+    bars(axes[0], list(rows), [r["median"] for r in rows.values()], "loaders, two views at 224 px", "images/s")
+    target = [c for c in results["loss"]["cases"] if (c["K"], c["D"]) == (65536, 256)] or results["loss"]["cases"]
+    bars(axes[1], [c["impl"] for c in target], [c["ms"]["median"] for c in target],
+         f"relational loss fwd+bwd, K={target[0]['K']} D={target[0]['D']}", "ms")
+    cases = results["step"]["cases"]
+    bars(axes[2], [f"{c['method']} {c['setting']}" for c in cases], [c["images_per_s"]["median"] for c in cases],
+         f"training step, {results['step']['arch']} {results['step']['size']} px", "images/s")
+    e2e = results["end_to_end"]["images_per_s"]
+    bars(axes[3], list(e2e), [r["median"] for r in e2e.values()], "fastssl train, end to end", "images/s")
+    fig.suptitle(f"fastssl on {results['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer shapes, settings and repetitions (~5 min on CPU)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--data", help="an ImageNet-layout folder of JPEGs for the loaders (default: built from "
+                                       "Fashion-MNIST, upscaled to ImageNet-like sizes)")
+    parser.add_argument("--out", default=str(RESULTS), help="folder for results.json, results.md, throughput.png")
+    args = parser.parse_args()
+    print(to_markdown(run(args.quick, args.device, args.data, args.out)), end="")
+
+
+if __name__ == "__main__":
+    main()

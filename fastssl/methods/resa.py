@@ -1,0 +1,90 @@
+"""ReSA: the encoder's own clustering of the batch, balanced by Sinkhorn-Knopp, is the target of the projections.
+
+Target: A = SinkhornKnopp(H Hm^T) (eps 0.05, 3 iterations) from the L2-normalised *encoder* features of the
+weak view, online (H, detached) against momentum (Hm); each row of A sums to 1. Loss: for the two view orders
+(q, v) = (weak, strong), (strong, weak), the cross-entropy between A and softmax_j(z_q . zm_v_j / 0.4) over the
+batch, where z are the online projections (through the predictor on ImageNet) and zm the momentum ones; the
+two orders are averaged. The student backpropagates through both views: 2x backprop. No queue.
+
+The momentum network (encoder + projector, cosine momentum 0.996 -> 1) is the one evaluated and exported.
+Under DDP each process keeps its own rows (its images) and all-gathers the momentum side as the columns; the
+Sinkhorn sums over images are all-reduced (fastssl.dist.all_reduce). In one process both are no-ops.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import dist
+from ..kernels import sinkhorn_knopp
+from ..models import SMALL_IMAGE_MAX, ema_update, mlp
+from ..views import resa_strong, weak
+from . import register
+from .base import Method, cosine_momentum, fp32
+
+SINKHORN_EPS, SINKHORN_ITERS = 0.05, 3
+
+
+class EncoderHead(nn.Module):
+    """Encoder, projector and predictor in one forward that returns the encoder features and the output:
+    one call per view, which is what a DDP wrapper needs to see."""
+
+    def __init__(self, encoder: nn.Module, projector: nn.Module, predictor: nn.Module):
+        super().__init__()
+        self.encoder, self.projector, self.predictor = encoder, projector, predictor
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.encoder(x)
+        return h, self.predictor(self.projector(h))
+
+
+@register
+class ReSA(Method):
+    name = "resa"
+    backprops_per_image = 2
+
+    @staticmethod
+    def defaults(small: bool) -> dict:
+        return dict(lr=0.3 if small else 0.5, weight_decay=1e-4 if small else 1e-5, warmup_epochs=2,
+                    final_lr_ratio=0.1, tau_s=0.4, momentum=0.996, proj_hidden=2048, proj_dim=512)
+
+    @staticmethod
+    def views(cfg, size, mean, std):
+        blur_p = 0.0 if size <= 64 else 0.5  # the CIFAR recipe drops blur
+        return {"weak": weak(size, mean=mean, std=std), "strong": resa_strong(size, blur_p=blur_p, mean=mean, std=std)}
+
+    def __init__(self, cfg, backbone):
+        super().__init__(cfg, backbone)
+        hidden, dim = cfg.proj_hidden, cfg.proj_dim
+        projector = mlp([backbone.out_dim, hidden, hidden, dim], hidden_bn=True, last_bn=True)
+        small = cfg.image_size <= SMALL_IMAGE_MAX  # the predictor is in the ImageNet recipe only
+        predictor = nn.Identity() if small else mlp([dim, hidden, dim], hidden_bn=True)
+        self.student = EncoderHead(backbone, projector, predictor)
+        momentum_net = nn.Sequential(copy.deepcopy(backbone), copy.deepcopy(projector))  # encoder + projector
+        self.teacher = momentum_net.requires_grad_(False)
+
+    def encoder(self):
+        return self.teacher[0]  # the momentum encoder is the one evaluated
+
+    def step(self, views, progress):
+        m = cosine_momentum(self.cfg.momentum, progress)
+        ema_update(self.teacher, nn.Sequential(self.student.encoder, self.student.projector), m)  # before its forward
+        x = (views["weak"], views["strong"])
+        online = [self.student_forward(v) for v in x]  # (features, projection) per view: BN sees one view at a time
+        with torch.no_grad():
+            hm = [self.teacher[0](v) for v in x]
+            zm = [dist.all_gather_cat(F.normalize(self.teacher[1](h).float(), dim=1)) for h in hm]  # all columns
+            hm_weak = dist.all_gather_cat(F.normalize(hm[0].float(), dim=1))
+        z = [F.normalize(p.float(), dim=1) for _, p in online]
+        with fp32(z[0]):
+            h_weak = F.normalize(online[0][0].detach().float(), dim=1)
+            target = sinkhorn_knopp(h_weak @ hm_weak.T, SINKHORN_EPS, SINKHORN_ITERS, all_reduce=dist.all_reduce)
+            loss = (self._cross_entropy(target, z[0] @ zm[1].T) + self._cross_entropy(target, z[1] @ zm[0].T)) / 2
+        return loss, {}
+
+    def _cross_entropy(self, target: torch.Tensor, similarity: torch.Tensor) -> torch.Tensor:
+        return -(target * F.log_softmax(similarity / self.cfg.tau_s, dim=1)).sum(1).mean()

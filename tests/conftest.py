@@ -1,0 +1,35 @@
+"""Image fixtures shared by the pipeline tests, written once per session under pytest's temporary folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from pipeline_checks import COLOURS
+
+
+@pytest.fixture(scope="session")
+def colour_folder(tmp_path_factory) -> Path:
+    """ImageFolder root: train/<class>/ holds flat images of the class's colour, of varying sizes, PNG and JPEG."""
+    root = tmp_path_factory.mktemp("colours")
+    for c, colour in enumerate(COLOURS):
+        folder = root / "train" / f"class{c}"
+        folder.mkdir(parents=True)
+        for i in range(12):
+            Image.new("RGB", (40 + 7 * i, 30 + 5 * c), colour).save(folder / f"{i}.{'png' if i % 2 else 'jpg'}")
+    return root
+
+
+@pytest.fixture(scope="session")
+def fashion_folder(tmp_path_factory) -> Path:
+    """ImageFolder root (train/, val/) of Fashion-MNIST slices as 28 px grayscale PNGs: 2048 + 512 images."""
+    from fastssl import data
+    root = tmp_path_factory.mktemp("fashion")
+    for split, name, n in (("train", "train", 2048), ("test", "val", 512)):
+        images = data.load("fashion-mnist", split).subset(n, seed=0)
+        for i, (image, label) in enumerate(zip(images.images.numpy(), images.labels.tolist())):
+            folder = root / name / images.classes[label].replace("/", "-")
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image[..., 0]).save(folder / f"{i}.png")
+    return root

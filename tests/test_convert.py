@@ -1,0 +1,138 @@
+"""`fastssl convert`: bad files are listed and counted, never fatal; every good image lands in the .beton as RGB;
+an existing output survives unless --force; the named sets keep their kind, classes and side."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import pickle
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastssl import cli, data
+from fastssl.errors import UserError
+from fastssl.pipelines import convert as convert_module
+from fastssl.pipelines.convert import convert
+
+# file name -> the RGB colour it should hold in the .beton (None: unreadable, left out)
+GOOD = {"a/red.jpg": (220, 30, 30), "a/red.png": (220, 30, 30), "b/cmyk.jpg": (255, 55, 55),
+        "b/gray.png": (128, 128, 128), "b/rgba.png": (30, 200, 30), "b/palette.png": (10, 20, 200)}
+BAD = ("a/corrupt.jpg", "a/truncated.jpg", "b/text.jpg")
+
+
+@pytest.fixture(scope="module")
+def mixed_folder(tmp_path_factory):
+    """train/a, train/b: good images in several colour modes, three unreadable files, one non-image file."""
+    root = tmp_path_factory.mktemp("mixed")
+    train = root / "train"
+    for cls in ("a", "b"):
+        (train / cls).mkdir(parents=True)
+    Image.new("RGB", (40, 30), GOOD["a/red.jpg"]).save(train / "a/red.jpg", quality=95)
+    Image.new("RGB", (30, 50), GOOD["a/red.png"]).save(train / "a/red.png")
+    Image.new("CMYK", (33, 31), (0, 200, 200, 0)).save(train / "b/cmyk.jpg", quality=95)
+    Image.new("L", (30, 30), 128).save(train / "b/gray.png")
+    Image.new("RGBA", (30, 30), (30, 200, 30, 100)).save(train / "b/rgba.png")
+    Image.new("RGB", (20, 20), GOOD["b/palette.png"]).quantize().save(train / "b/palette.png")
+    jpeg = (train / "a/red.jpg").read_bytes()
+    (train / "a/truncated.jpg").write_bytes(jpeg[:len(jpeg) // 2])
+    (train / "a/corrupt.jpg").write_bytes(jpeg[:2] + np.random.default_rng(0).bytes(2000))
+    (train / "b/text.jpg").write_text("not an image")
+    (train / "b/notes.txt").write_text("not an image either")
+    return root
+
+
+def test_bad_files_are_listed_and_every_good_image_is_stored_as_rgb(mixed_folder, tmp_path):
+    out = tmp_path / "mixed_train.beton"
+    report = convert(str(mixed_folder), out, workers=2)
+    assert report.images == len(GOOD) and report.classes == 2
+    assert sorted(f.split("train/")[1] for f, _ in report.unreadable) == sorted(BAD)
+    assert [f.split("train/")[1] for f in report.skipped] == ["b/notes.txt"]
+    summary = report.summary()
+    assert "left out 3 unreadable file(s)" in summary and "skipped 1 file(s) without an image extension" in summary
+    info = json.loads(data.beton_info_path(out).read_text())
+    assert info["kind"] == "imagefolder" and info["classes"] == ["a", "b"] and len(info["unreadable"]) == 3
+    stored = data.load(str(out))
+    good = sorted(GOOD)  # data.load's order: by class, then by file name
+    assert stored.labels.tolist() == [0 if name.startswith("a/") else 1 for name in good]
+    from fastssl.pipelines.ffcv_loader import eval_batches
+    pixels = torch.cat(list(eval_batches(stored, 8, 8, workers=1))).float()
+    colours = torch.tensor([GOOD[name] for name in good], dtype=torch.float32).view(-1, 3, 1, 1)
+    assert (pixels - colours).abs().amax((1, 2, 3)).max() < 6  # CMYK, grey, alpha and palette as RGB
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mixed_train.beton", "mixed_train.beton.json"]
+
+
+def test_an_existing_output_survives_unless_forced(mixed_folder, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "x_train.beton"
+    out.write_bytes(b"an earlier conversion")
+    args = ["fastssl", "convert", str(mixed_folder), "--out", str(out), "--workers", "1"]
+    monkeypatch.setattr(sys, "argv", args)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    assert exit_info.value.code == 2 and "pass --force to overwrite it" in capsys.readouterr().err
+    assert out.read_bytes() == b"an earlier conversion"
+
+    def crash(self, dataset, **kw):  # a conversion that dies half way leaves the old file and no temporary
+        open(self.fname, "wb").write(b"half a beton")
+        raise KeyboardInterrupt
+    monkeypatch.setattr("ffcv.writer.DatasetWriter.from_indexed_dataset", crash)
+    with pytest.raises(KeyboardInterrupt):
+        convert(str(mixed_folder), out, workers=1, force=True)
+    assert out.read_bytes() == b"an earlier conversion" and len(list(tmp_path.iterdir())) == 1
+    monkeypatch.undo()
+    monkeypatch.setattr(sys, "argv", args + ["--force"])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    assert exit_info.value.code == 0
+    assert f"wrote {len(GOOD)} images of 2 classes to {out}" in capsys.readouterr().out
+    assert len(data.load(str(out))) == len(GOOD)
+
+
+def write_cifar10(root, n: int = 12) -> None:
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": list(range(n))}
+        (root / name).write_bytes(pickle.dumps(batch))
+    (root / "batches.meta").write_bytes(pickle.dumps({b"label_names": [f"c{i}".encode() for i in range(n)]}))
+
+
+def write_fashion_mnist(root, n: int = 12) -> None:
+    for prefix in ("train", "t10k"):
+        images = np.arange(n * 28 * 28, dtype=np.uint8).reshape(n, 28, 28)
+        for kind, array in (("images-idx3-ubyte", images), ("labels-idx1-ubyte", np.arange(n, dtype=np.uint8) % 10)):
+            header = bytes([0, 0, 8, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+            with gzip.open(root / f"{prefix}-{kind}.gz", "wb") as f:
+                f.write(header + array.tobytes())
+
+
+@pytest.mark.parametrize("kind, write, side", [("cifar10", write_cifar10, 32),
+                                               ("fashion-mnist", write_fashion_mnist, 28)])
+def test_named_sets_keep_their_kind_classes_and_side(tmp_path, kind, write, side):
+    (tmp_path / kind).mkdir()
+    write(tmp_path / kind)
+    source = data.load(str(tmp_path / kind), "test")
+    report = convert(str(tmp_path / kind), tmp_path / "out" / f"{kind}_val.beton", split="val", workers=1)
+    assert report.images == 12 and not report.unreadable and not report.skipped
+    stored = data.load(str(tmp_path / "out" / f"{kind}_val.beton"))
+    assert (stored.kind, stored.native_size, stored.classes) == (kind, side, source.classes)
+    assert torch.equal(stored.labels, source.labels)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"to": "tfrecord"}, "--to ffcv"), ({"split": "test"}, "choose train or val"),
+    ({"write_mode": "png"}, "unknown write mode 'png'"), ({"jpeg_quality": 0}, "--jpeg-quality 0 must be in 1..100"),
+    ({"out": "x.ffcv"}, "must end in .beton"),
+])
+def test_bad_options_are_one_line(mixed_folder, kwargs, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(")) as err:
+        convert(str(mixed_folder), **{"out": "never_written.beton", **kwargs})
+    assert "\n" not in str(err.value)
+
+
+def test_check_names_why_a_file_is_unreadable(mixed_folder):
+    assert convert_module.check(str(mixed_folder / "train/b/cmyk.jpg")) == (None, 33 * 31)
+    why, _ = convert_module.check(str(mixed_folder / "train/a/truncated.jpg"))
+    assert why.startswith("OSError")

@@ -1,0 +1,119 @@
+"""The FFCV pipeline on CPU (no ToDevice): one decode per image feeds every view; the photometric ops run batched.
+
+Views: layout, normalisation, labels in line with the images, ops at the spec's rates; epochs: exact, sharded,
+seeded, resumable at any batch; .beton splits for evaluation; a short training run learns. Every FFCV Loader
+compiles its pipeline with numba (seconds), so the tests share loaders where they can.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from pipeline_checks import (COLOURS, CPU, PROBE_VIEWS, check_colour_views, check_probe_rates,
+                             check_short_run_learns, probe_set, unique_set)
+
+from fastssl import data
+from fastssl.data import BetonSet
+from fastssl.errors import UserError
+from fastssl.pipelines import build, common
+from fastssl.pipelines.convert import convert, write_beton
+from fastssl.pipelines.ffcv_loader import eval_batches
+from fastssl.views import ViewSpec, resa_strong, weak
+
+VIEWS = {"weak": weak(24), "strong": resa_strong(24, blur_p=0.5), "crop1": ViewSpec(12, crop_scale=(0.1, 0.5))}
+
+
+def loader(images, views=VIEWS, batch_size=8, **kw):
+    return build("ffcv", images, views, batch_size=batch_size, device=CPU, **kw)
+
+
+def labels(batches) -> list[int]:
+    return torch.cat([b["label"] for b in batches]).tolist()
+
+
+@pytest.fixture(scope="module")
+def colour_beton(colour_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("betons") / "colours_train.beton"
+    convert(str(colour_folder), out, workers=2)
+    return out
+
+
+@pytest.fixture(scope="module")
+def unique_beton(tmp_path_factory):
+    out = tmp_path_factory.mktemp("betons") / "unique_train.beton"
+    write_beton(unique_set(103), out)
+    return data.load(str(out))
+
+
+def test_views_have_the_trainers_layout_and_labels_match_images(colour_beton):
+    images = data.load(str(colour_beton))
+    assert isinstance(images, BetonSet) and images.classes == [f"class{c}" for c in range(4)]
+    run = loader(images, batch_size=16)
+    assert len(run) == 3
+    for batch in run.epoch(0):
+        check_colour_views(batch, VIEWS)
+
+
+def test_evaluation_reads_the_beton_in_order_with_a_centre_crop(colour_beton):
+    images = data.load(str(colour_beton)).subset(20, seed=1)
+    batches = list(eval_batches(images, 16, 8, workers=1))
+    assert [len(x) for x in batches] == [8, 8, 4] and batches[0].dtype == torch.uint8
+    x = torch.cat(batches).float()
+    assert x.shape == (20, 3, 16, 16)
+    colours = torch.tensor(COLOURS, dtype=torch.float32)[images.labels].view(20, 3, 1, 1)
+    assert (x - colours).abs().max() < 4
+
+
+def test_epochs_are_exact_seeded_sharded_and_resume_at_any_batch(unique_beton):
+    run = loader(unique_beton, batch_size=10, seed=1)
+    assert len(run) == 10
+    first = list(run.epoch(2))
+    assert labels(first) == common.epoch_indices(103, 10, 2, 1).tolist()  # the order every pipeline uses
+    again = list(run.epoch(2))
+    assert all(torch.equal(x[k], y[k]) for x, y in zip(first, again) for k in x)  # seeded by (seed, epoch)
+    assert not torch.equal(next(run.epoch(3))["strong"], first[0]["strong"])
+    resumed = list(run.epoch(2, start_batch=4))  # crops, flips and photometric draws too
+    assert len(resumed) == 6 and all(torch.equal(x[k], y[k]) for x, y in zip(first[4:], resumed) for k in x)
+    unfinished = run.epoch(1)
+    next(unfinished)
+    unfinished.close()  # stops FFCV's thread; the next epoch starts clean
+    assert labels(run.epoch(0)) == common.epoch_indices(103, 10, 0, 1).tolist()
+    shards = [labels(loader(unique_beton, batch_size=10, seed=1, rank=r, world=2).epoch(0)) for r in range(2)]
+    assert len(shards[0]) == len(shards[1]) == 50 and not set(shards[0]) & set(shards[1])
+
+
+def test_ops_fire_at_the_specs_rates_and_crops_stay_in_range(tmp_path):
+    write_beton(probe_set(2048), tmp_path / "probe_train.beton")
+    batches = list(loader(data.load(str(tmp_path / "probe_train.beton")), PROBE_VIEWS, batch_size=256).epoch(0))
+    check_probe_rates(batches)
+
+
+def test_beton_splits_and_what_each_pipeline_accepts(colour_beton, colour_folder, tmp_path):
+    with pytest.raises(UserError, match="fastssl convert .* --split val"):
+        data.load(str(colour_beton), "test")  # no colours_val.beton beside it
+    (tmp_path / "a_train.beton").write_bytes(colour_beton.read_bytes())
+    (tmp_path / "a_val.beton").write_bytes(colour_beton.read_bytes())
+    assert data.load(str(tmp_path / "a_train.beton"), "test").root == str(tmp_path / "a_val.beton")
+    with pytest.raises(UserError, match="name the files NAME_train.beton"):
+        data.load(str(tmp_path / "a_val.beton"), "test")
+    with pytest.raises(UserError, match="--pipeline ffcv reads an FFCV .beton: write one with `fastssl convert"):
+        build("ffcv", data.load(str(colour_folder)), VIEWS, batch_size=8, device=CPU)
+    with pytest.raises(UserError, match="train on it with --pipeline ffcv"):
+        build("torch", data.load(str(colour_beton)), VIEWS, batch_size=8, device=CPU)
+    (tmp_path / "junk_train.beton").write_text("not a beton")
+    with pytest.raises(UserError, match="not a readable FFCV file"):
+        data.load(str(tmp_path / "junk_train.beton"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_batches(colour_beton):
+    batch = next(build("ffcv", data.load(str(colour_beton)), VIEWS, batch_size=8, device=torch.device("cuda"))
+                 .epoch(0))
+    assert all(batch[k].is_cuda for k in batch) and batch["weak"].is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.slow
+def test_a_short_run_learns(fashion_folder, tmp_path):
+    for split in ("train", "val"):
+        convert(str(fashion_folder), tmp_path / f"fashion_{split}.beton", split=split, workers=2)
+    check_short_run_learns(str(tmp_path / "fashion_train.beton"), "ffcv", tmp_path / "run")
