@@ -30,8 +30,10 @@ from common import (RESULTS, can_measure_cpu_memory, cpu_peak, device_name, pick
 from fastssl.kernels import relational as R
 
 BATCH, TAU_S, TAU_T = 256, 0.1, 0.04
-FULL_SHAPES = [(keys, dim) for keys in (4096, 16384, 65536, 131072) for dim in (128, 256, 512)]
-QUICK_SHAPES = [(4096, 128), (65536, 256)]
+# (K, D) per mode; smoke: the test suite's check that the script runs (its figures mean nothing)
+SHAPES = {"full": [(keys, dim) for keys in (4096, 16384, 65536, 131072) for dim in (128, 256, 512)],
+          "quick": [(4096, 128), (65536, 256)], "smoke": [(1024, 64)]}
+REPS = {"full": 7, "quick": 3, "smoke": 1}
 TARGET = {"K": 65536, "D": 256, "max_memory_ratio": 1 / 8, "max_time_ratio": 1.0}  # the issue's bar, B=256 fp32
 
 
@@ -93,13 +95,14 @@ def _peak_extra_cpu(impl: str, keys: int, dim: int) -> int:
     return cpu_peak() - rss
 
 
-def run(quick: bool = False, device: str = "auto", out_dir: str | None = None) -> dict:
-    """Benchmark every implementation on every shape; write loss.json and loss.md to out_dir if given."""
+def run(mode: str = "full", device: str = "auto", out_dir: str | None = None) -> dict:
+    """Benchmark every implementation on every shape of `mode` (full | quick | smoke); write loss.json and loss.md
+    to out_dir if given."""
     device = pick_device(device)
-    reps = 3 if quick else 7
+    reps = REPS[mode]
     memory_on_cpu = device == "cpu" and can_measure_cpu_memory()
     cases = []
-    for keys, dim in QUICK_SHAPES if quick else FULL_SHAPES:
+    for keys, dim in SHAPES[mode]:
         measured = run_script(__file__, "shape", str(keys), str(dim), device, str(reps))
         shape_cases = []
         for impl, m in measured.items():
@@ -171,7 +174,7 @@ def main():
             impl, keys, dim = rest
             print(json.dumps(_peak_extra_cpu(impl, int(keys), int(dim))))
         return
-    print(to_markdown(run(args.quick, args.device, args.out)), end="")
+    print(to_markdown(run("quick" if args.quick else "full", args.device, args.out)), end="")
 
 
 if __name__ == "__main__":

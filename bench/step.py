@@ -27,8 +27,10 @@ SETTINGS = {"fp32": ("fp32", False, False), "fp32 channels_last": ("fp32", True,
 METHOD_ORDER = ("ressl", "isd", "resa", "mocov2", "byol")
 
 
-def defaults(device: str) -> dict:
-    """A CIFAR-sized ResNet-18 on a CPU; ImageNet-sized ResNet-50 on a GPU."""
+def defaults(device: str, mode: str) -> dict:
+    """A CIFAR-sized ResNet-18 on a CPU; ImageNet-sized ResNet-50 on a GPU (smoke: tiny, for the test suite)."""
+    if mode == "smoke":
+        return {"arch": "resnet18-w8", "size": 16, "batch": 16}
     if device == "cuda":
         return {"arch": "resnet50", "size": 224, "batch": 128}
     return {"arch": "resnet18", "size": 32, "batch": 64}
@@ -105,14 +107,16 @@ def methods_available() -> list[str]:
     return [m for m in METHOD_ORDER if m in METHODS]
 
 
-def run(quick: bool = False, device: str = "auto", arch: str | None = None, size: int | None = None,
+def run(mode: str = "full", device: str = "auto", arch: str | None = None, size: int | None = None,
         batch: int | None = None, out_dir: str | None = None) -> dict:
+    """mode: full (every setting) | quick (fp32 and bf16 channels_last, fewer steps) | smoke (the test suite's
+    check that the script runs: a tiny network, one run of one step)."""
     device = pick_device(device)
-    shape = {**defaults(device), **{k: v for k, v in dict(arch=arch, size=size, batch=batch).items() if v}}
-    steps, reps = (3, 3) if quick else (5, 5)
-    if device == "cuda":
+    shape = {**defaults(device, mode), **{k: v for k, v in dict(arch=arch, size=size, batch=batch).items() if v}}
+    steps, reps = {"full": (5, 5), "quick": (3, 3), "smoke": (1, 1)}[mode]
+    if device == "cuda" and mode != "smoke":
         steps *= 4
-    settings = ["fp32", "bf16 channels_last"] if quick else list(SETTINGS)
+    settings = list(SETTINGS) if mode == "full" else ["fp32", "bf16 channels_last"]
     methods = methods_available()
     peaks = {dt: run_script(__file__, "peak", device, dt, str(reps)) for dt in ("float32", "bfloat16")}
     cases = []
@@ -180,7 +184,8 @@ def main():
             method, arch, size, batch, device, setting, steps, reps = rest
             print(json.dumps(_measure(method, arch, int(size), int(batch), device, setting, int(steps), int(reps))))
         return
-    print(to_markdown(run(args.quick, args.device, args.arch, args.size, args.batch, args.out)), end="")
+    print(to_markdown(run("quick" if args.quick else "full", args.device, args.arch, args.size, args.batch, args.out)),
+          end="")
 
 
 if __name__ == "__main__":

@@ -1,20 +1,23 @@
 """The whole trainer measured on this machine: loaders, the relational loss, the training step, end to end.
 
-    python bench/throughput.py [--quick] [--device auto|cpu|cuda] [--data DIR] [--out DIR]
+    python bench/throughput.py [--quick | --smoke] [--device auto|cpu|cuda] [--data DIR] [--out DIR]
 
 Runs the four benchmarks in turn (each also runs alone: bench/pipelines.py, bench/loss.py, bench/step.py,
 bench/end_to_end.py) and writes `results.json` (device, versions, settings, every figure), `results.md` (their
 tables) and `throughput.png` (bar charts) to --out (default bench/results/), and prints the tables. Every figure
 is the median of repeated timed runs after warm-up, with its spread; ratios are taken within this run.
-`--quick` runs fewer shapes, settings and repetitions (about 5 minutes on 2 CPU cores).
+`--quick` runs fewer shapes, settings and repetitions (about 5 minutes on 2 CPU cores). `--smoke` is the test
+suite's check that every section runs and writes its results: tiny shapes, one run each; its figures mean nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import time
+from importlib import metadata
 from pathlib import Path
 
 import end_to_end
@@ -26,28 +29,31 @@ from common import RESULTS, device_name, pick_device
 
 
 def versions() -> dict:
+    """Installed versions, from the package metadata (FFCV 1.0.2's own __version__ says 0.0.3rc1)."""
     out = {"python": platform.python_version(), "torch": torch.__version__}
-    for name, module in (("triton", "triton"), ("dali", "nvidia.dali"), ("ffcv", "ffcv")):
-        try:
-            out[name] = __import__(module, fromlist=["__version__"]).__version__
-        except ImportError:
-            out[name] = None
+    for name, dists in (("triton", ["triton"]), ("dali", ["nvidia-dali-cuda130", "nvidia-dali-cuda120"]),
+                        ("ffcv", ["ffcv"])):
+        out[name] = None
+        for dist in dists:
+            with contextlib.suppress(metadata.PackageNotFoundError):
+                out[name] = metadata.version(dist)
     return out
 
 
-def run(quick: bool, device: str, data: str | None, out_dir: str) -> dict:
+def run(mode: str, device: str, data: str | None, out_dir: str) -> dict:
+    """mode: full | quick | smoke."""
     device = pick_device(device)
     sections = {}
-    for name, fn in (("loader", lambda: pipelines.run(quick=quick, device=device, data_dir=data, out_dir=out_dir)),
-                     ("loss", lambda: loss.run(quick=quick, device=device, out_dir=out_dir)),
-                     ("step", lambda: step.run(quick=quick, device=device, out_dir=out_dir)),
-                     ("end_to_end", lambda: end_to_end.run(quick=quick, device=device, out_dir=out_dir))):
+    for name, fn in (("loader", lambda: pipelines.run(mode, device=device, data_dir=data, out_dir=out_dir)),
+                     ("loss", lambda: loss.run(mode, device=device, out_dir=out_dir)),
+                     ("step", lambda: step.run(mode, device=device, out_dir=out_dir)),
+                     ("end_to_end", lambda: end_to_end.run(mode, device=device, out_dir=out_dir))):
         start = time.perf_counter()
         sections[name] = fn()
         sections[name]["seconds"] = time.perf_counter() - start
         print(f"[{name}: {sections[name]['seconds']:.0f} s]", flush=True)
     results = {"device": device_name(device), "machine": platform.processor() or platform.machine(),
-               "versions": versions(), "quick": quick, **sections}
+               "versions": versions(), "mode": mode, **sections}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -60,7 +66,7 @@ def to_markdown(results: dict) -> str:
     v = results["versions"]
     head = [f"# fastssl throughput on {results['device']}", "",
             "Versions: " + ", ".join(f"{k} {v[k]}" for k in v if v[k]) + ". Made by `python bench/throughput.py"
-            + (" --quick" if results["quick"] else "") + "`.", ""]
+            + ("" if results["mode"] == "full" else f" --{results['mode']}") + "`.", ""]
     parts = [("Loaders: two views per image", pipelines.to_markdown(results["loader"])),
              ("Relational loss: reference vs fused", loss.to_markdown(results["loss"])),
              ("Training step: 1x vs 2x backprop, precision and layout", step.to_markdown(results["step"])),
@@ -100,13 +106,16 @@ def plot(results: dict, path: Path) -> None:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer shapes, settings and repetitions (~5 min on CPU)")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="fewer shapes, settings and repetitions (~5 min on CPU)")
+    size.add_argument("--smoke", action="store_true", help="tiny shapes, one run each: checks that it all runs")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--data", help="an ImageNet-layout folder of JPEGs for the loaders (default: built from "
                                        "Fashion-MNIST, upscaled to ImageNet-like sizes)")
     parser.add_argument("--out", default=str(RESULTS), help="folder for results.json, results.md, throughput.png")
     args = parser.parse_args()
-    print(to_markdown(run(args.quick, args.device, args.data, args.out)), end="")
+    mode = "quick" if args.quick else "smoke" if args.smoke else "full"
+    print(to_markdown(run(mode, args.device, args.data, args.out)), end="")
 
 
 if __name__ == "__main__":

@@ -11,11 +11,11 @@ from torchvision.models import resnet
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from .errors import UserError
+from .views import SMALL_IMAGE_MAX
 
 ARCHS = {"resnet18": (BasicBlock, [2, 2, 2, 2]), "resnet34": (BasicBlock, [3, 4, 6, 3]),
          "resnet50": (Bottleneck, [3, 4, 6, 3])}
 ARCH_HELP = "resnet18 | resnet34 | resnet50, optionally narrowed: resnet18-w16 (base width 16 instead of 64)"
-SMALL_IMAGE_MAX = 64  # inputs up to this side get the CIFAR stem: 3x3 stride-1 conv1, no max-pool
 
 
 class _NarrowResNet(resnet.ResNet):

@@ -178,8 +178,10 @@ def train(cfg: TrainConfig) -> dict:
     total_steps = cfg.epochs * steps_per_epoch
     lr = cfg.lr * cfg.batch_size / 256
     opt = torch.optim.SGD(method.trainable().parameters(), lr=lr, momentum=0.9, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(round(cfg.warmup_epochs * steps_per_epoch),
-                                                                 total_steps, cfg.final_lr_ratio))
+    # A run shorter than a few warm-ups (a quick look, a test) still gets its cosine: warm-up <= a fifth of the run.
+    recipe_warmup = round(cfg.warmup_epochs * steps_per_epoch)
+    warmup_steps = min(recipe_warmup, total_steps // 5)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(warmup_steps, total_steps, cfg.final_lr_ratio))
     step, epoch, start_batch, history = 0, 0, 0, []
     if state is not None:
         method.load_state_dict(state["method"])
@@ -188,13 +190,15 @@ def train(cfg: TrainConfig) -> dict:
         step, epoch, start_batch, history = state["step"], state["epoch"], state["batch"], state["knn_history"]
         checkpoint.set_rng_state(state["rng"])
     if main:
+        capped = f" (a fifth of the run; the recipe's {cfg.warmup_epochs:g})" if warmup_steps < recipe_warmup else ""
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
         print(f"fastssl: {cfg.method} | {cfg.arch} @ {size}px | {len(train_set)} images from {train_set.root} | "
               f"pipeline {cfg.pipeline} | {device} {precision}{' channels_last' if cfg.channels_last else ''}"
               f"{' compiled' if cfg.compile else ''} | {world} process(es)")
         print(f"lr {lr:.4g} = {cfg.lr} x batch {cfg.batch_size} / 256 | {cfg.epochs} epochs x {steps_per_epoch} "
-              f"steps{f', resuming at step {step}' if step else ''}")
+              f"steps | warm-up {warmup_steps / steps_per_epoch:.3g} epochs{capped}, then cosine"
+              f"{f' | resuming at step {step}' if step else ''}")
     logger = Logger(out, main, step)
     monitor = KnnMonitor(cfg, size, device, precision) if main else None
 

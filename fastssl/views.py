@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+SMALL_IMAGE_MAX = 64  # images up to this side get the CIFAR recipes (no blur; models.py: the 3x3 stem)
 
 
 @dataclass(frozen=True)
@@ -57,15 +58,21 @@ def weak(size: int, **kw) -> ViewSpec:
     return ViewSpec(size=size, **kw)
 
 
-def strong(size: int, blur_p: float = 0.5, **kw) -> ViewSpec:
+def _blur_p(size: int, blur_p: float | None) -> float:
+    """The papers' blur probability: 0.5 on ImageNet sizes, 0 on small images (the CIFAR recipes drop blur)."""
+    return (0.0 if size <= SMALL_IMAGE_MAX else 0.5) if blur_p is None else blur_p
+
+
+def strong(size: int, blur_p: float | None = None, **kw) -> ViewSpec:
     """MoCo v2 recipe: crop (0.2, 1), jitter (0.4, 0.4, 0.4, 0.1) p 0.8, grayscale 0.2, blur p, flip."""
-    return ViewSpec(size=size, jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, grayscale_p=0.2, blur_p=blur_p, **kw)
+    return ViewSpec(size=size, jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, grayscale_p=0.2,
+                    blur_p=_blur_p(size, blur_p), **kw)
 
 
-def resa_strong(size: int, blur_p: float = 0.5, **kw) -> ViewSpec:
+def resa_strong(size: int, blur_p: float | None = None, **kw) -> ViewSpec:
     """ReSA x1: jitter (0.4, 0.4, 0.2, 0.1) p 0.8, grayscale 0.2, blur p, solarize 0.2, flip."""
-    return ViewSpec(size=size, jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, grayscale_p=0.2, blur_p=blur_p,
-                    solarize_p=0.2, **kw)
+    return ViewSpec(size=size, jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, grayscale_p=0.2,
+                    blur_p=_blur_p(size, blur_p), solarize_p=0.2, **kw)
 
 
 # ReSSL multi-crop on ImageNet: sizes and crop scales of the 5 student crops (the first is the 224 view).

@@ -19,7 +19,7 @@ from fastssl.pipelines import build, common
 from fastssl.pipelines.dali_loader import views_graph
 from fastssl.views import ViewSpec, resa_strong, strong, weak
 
-VIEWS = {"weak": weak(24), "strong": strong(24), "crop1": ViewSpec(12, crop_scale=(0.1, 0.5))}
+VIEWS = {"weak": weak(24), "strong": strong(24, blur_p=0.5), "crop1": ViewSpec(12, crop_scale=(0.1, 0.5))}
 
 
 def loader(images, views=VIEWS, batch_size=8, **kw):

@@ -199,7 +199,7 @@ def tiny_set(n: int = 100, side: int = 8) -> ImageSet:
 
 def views(size: int = 8) -> dict[str, ViewSpec]:
     mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
-    return {"weak": weak(size, mean=mean, std=std), "strong": strong(size, mean=mean, std=std)}
+    return {"weak": weak(size, mean=mean, std=std), "strong": strong(size, blur_p=0.5, mean=mean, std=std)}
 
 
 def loader(images: ImageSet, **kw):

@@ -34,8 +34,7 @@ class BYOL(Method):
 
     @staticmethod
     def views(cfg, size, mean, std):
-        blur_p = 0.0 if size <= 64 else 0.5  # the CIFAR recipes drop blur
-        spec = strong(size, blur_p=blur_p, mean=mean, std=std)
+        spec = strong(size, mean=mean, std=std)
         return {"view1": spec, "view2": spec}
 
     def __init__(self, cfg, backbone):

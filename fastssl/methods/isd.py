@@ -39,8 +39,7 @@ class ISD(Method):
 
     @staticmethod
     def views(cfg, size, mean, std):
-        blur_p = 0.0 if size <= 64 else 0.5  # the CIFAR recipes drop blur
-        return {"weak": weak(size, mean=mean, std=std), "strong": strong(size, blur_p=blur_p, mean=mean, std=std)}
+        return {"weak": weak(size, mean=mean, std=std), "strong": strong(size, mean=mean, std=std)}
 
     def __init__(self, cfg, backbone):
         super().__init__(cfg, backbone)

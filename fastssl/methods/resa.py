@@ -54,8 +54,7 @@ class ReSA(Method):
 
     @staticmethod
     def views(cfg, size, mean, std):
-        blur_p = 0.0 if size <= 64 else 0.5  # the CIFAR recipe drops blur
-        return {"weak": weak(size, mean=mean, std=std), "strong": resa_strong(size, blur_p=blur_p, mean=mean, std=std)}
+        return {"weak": weak(size, mean=mean, std=std), "strong": resa_strong(size, mean=mean, std=std)}
 
     def __init__(self, cfg, backbone):
         super().__init__(cfg, backbone)

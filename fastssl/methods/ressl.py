@@ -39,8 +39,7 @@ class ReSSL(Method):
 
     @staticmethod
     def views(cfg, size, mean, std):
-        blur_p = 0.0 if size <= 64 else 0.5  # the CIFAR recipes drop blur
-        student = multi_crop(strong(size, blur_p=blur_p, mean=mean, std=std), cfg.crops)  # [0] is the strong view
+        student = multi_crop(strong(size, mean=mean, std=std), cfg.crops)  # [0] is the strong view
         return {"weak": weak(size, mean=mean, std=std), "strong": student[0],
                 **{f"crop{i}": spec for i, spec in enumerate(student[1:], 1)}}
 
