@@ -41,6 +41,7 @@ def _train_one(settings: dict) -> dict:
     summary = train(TrainConfig(**settings))
     peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"knn_history": summary["knn_history"], "images_per_s": summary["images_per_s"], "steps": summary["steps"],
+            "precision": summary["precision"],
             "wall_s": time.perf_counter() - start, "peak_memory_mib": peak / 2**20,
             "peak_memory_kind": "torch.cuda.max_memory_allocated" if cuda else "process max RSS",
             "backprops_per_image": METHODS[settings["method"]].backprops_per_image,
@@ -63,9 +64,8 @@ def _run_method(settings: dict) -> dict:
 
 
 def run(epochs: int, arch: str, batch_size: int, train_subset: int, knn_bank: int, knn_queries: int,
-        methods: list[str], device: str, precision: str | None, out_dir: str) -> dict:
+        methods: list[str], device: str, precision: str, out_dir: str) -> dict:
     device = pick_device(device)
-    precision = precision or ("fp32" if device == "cpu" else "auto")
     runs_dir = Path(out_dir) / "methods_study_runs"
     common = dict(arch=arch, data="fashion-mnist", pipeline="tensor", epochs=epochs, batch_size=batch_size,
                   train_subset=train_subset, knn_bank=knn_bank, knn_queries=knn_queries, knn_every=1,
@@ -85,8 +85,10 @@ def to_markdown(results: dict) -> str:
     subset = f"{results['train_subset']} training images" if results["train_subset"] else "all training images"
     bank = results["knn_bank"] or "all train"
     queries = results["knn_queries"] or "all test"
+    precision = " / ".join(sorted({r["precision"] for r in results["methods"].values()}))
     lines = [f"Fashion-MNIST, {results['arch']}, {results['epochs']} epochs, batch {results['batch_size']}, {subset}, "
-             f"--pipeline tensor, {results['precision']}; {results['device']}, torch {results['torch']}. Weighted kNN "
+             f"--pipeline tensor, {precision} (--precision {results['precision']}); {results['device']}, "
+             f"torch {results['torch']}. Weighted kNN "
              f"top-1 (k=200, T=0.1; bank {bank}, queries {queries}); each method with its own recipe defaults.", "",
              "| method | kNN top-1 (final) | best (epoch) | random init | images/s | peak memory (MiB) "
              "| backprops/image |",
@@ -99,8 +101,7 @@ def to_markdown(results: dict) -> str:
     kinds = {r["peak_memory_kind"] for r in results["methods"].values()}
     lines += ["", f"Peak memory: {', '.join(sorted(kinds))} of each method's own process (data set and kNN monitor "
                   f"included on CPU). images/s counts training steps only. Random init: the monitor's epoch-0 point, "
-                  f"BatchNorm still at its initial statistics (the identity), a strong kNN baseline on Fashion-MNIST "
-                  f"that the first steps fall below while BN takes the data's statistics."]
+                  f"the untrained encoder with the BatchNorm statistics of the data."]
     return "\n".join(lines) + "\n"
 
 
@@ -130,8 +131,8 @@ def main():
     parser.add_argument("--knn-queries", type=int, default=2000, help="kNN queries from the test split (0: all)")
     parser.add_argument("--methods", default=",".join(METHOD_ORDER), help="comma-separated, in table order")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"],
-                        help="default: fp32 on CPU (bf16 autocast is emulated, so slower, on most CPUs), auto on CUDA")
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                        help="auto: bf16 autocast on CUDA and on CPUs with native bf16, as `fastssl train` picks")
     quick = ", ".join(f"{k} {v}" for k, v in QUICK.items())
     parser.add_argument("--quick", action="store_true", help=f"a check of the script in a few minutes: {quick}")
     parser.add_argument("--out", default=str(RESULTS), help="folder for methods_study.{json,md,png} and the runs")

@@ -10,7 +10,9 @@ under --out by upscaling Fashion-MNIST images to 400-500 px a side with a colour
 from that tree (JPEG, quality 90). 32 px: a Fashion-MNIST slice in memory (FFCV: its .beton, raw pixels).
 Rows: the torchvision DataLoader with 2 workers (how the official codes load: the baseline), DALI, FFCV, the
 tensor pipeline (32 px only), and decode-only: DALI's reader and decoder alone on the same files (libjpeg-turbo
-on CPU, nvJPEG on CUDA), the limit of any pipeline that decodes them. Every pipeline gets 2 workers/threads.
+on CPU, nvJPEG on CUDA), the limit of any pipeline that decodes them. Every pipeline gets 2 workers/threads; the main process keeps one
+intra-op thread (contending threads on a small CPU cost far more than they give), except for the tensor pipeline,
+whose two threads are its workers.
 Each run is one epoch; its rate counts the batches after the first, so start-up (workers forking, FFCV
 starting its thread, DALI refilling its queue) is left out alike. The first run of each pipeline is a warm-up
 (FFCV compiles its pipeline then); the pipelines take turns run by run, so that load from other processes hits
@@ -111,6 +113,8 @@ def _measure(loaders: dict, batch_size: int, device: str, reps: int) -> dict:
     rates = {name: [] for name in loaders}
     for rep in range(reps + 1):  # run 0 is the warm-up
         for name, loader in loaders.items():
+            # the tensor pipeline has no workers: on a CPU its share of the cores is the intra-op threads
+            torch.set_num_threads(WORKERS if name == "tensor" and device == "cpu" else 1)
             rate = _rate(loader, rep, batch_size, device)
             if rep:
                 rates[name].append(rate)
@@ -147,9 +151,7 @@ SCALE = {"full": (2048, 64, 32768, 256, 5), "quick": (512, 64, 8192, 256, 3), "s
 def run(mode: str = "full", device: str = "auto", data_dir: str | None = None, out_dir: str | None = None) -> dict:
     """Benchmark the pipelines at 224 px (image files) and 32 px (a set in memory); write to out_dir if given."""
     device = pick_device(device)
-    threads = torch.get_num_threads()
-    if device == "cpu":  # one intra-op thread in the main process: the pipelines' own workers and threads use
-        torch.set_num_threads(1)  # the two cores, and contending threads cost far more
+    threads = torch.get_num_threads()  # _measure sets them per pipeline
     try:
         results = _run(mode, device, data_dir, Path(out_dir or RESULTS))
     finally:

@@ -88,17 +88,19 @@ def _flops_per_image(method: str, arch: str, size: int, batch: int) -> float:
 
 
 def _matmul_peak(device: str, dtype: str, reps: int) -> float:
-    """Subprocess side: the best FLOP/s of a large square matmul in this dtype."""
-    n = 4096 if device == "cuda" else 1024
-    a, b = (torch.randn(n, n, device=device, dtype=getattr(torch, dtype)) for _ in range(2))
+    """Subprocess side: the best FLOP/s of large square matmuls in this dtype, over a few sizes (on CPUs a
+    1024-side fp32 matmul runs well below what the convolutions reach)."""
     best = 0.0
-    for _ in range(reps + 2):
-        sync(device)
-        start = time.perf_counter()
-        for _ in range(10):
-            torch.mm(a, b)
-        sync(device)
-        best = max(best, 10 * 2 * n**3 / (time.perf_counter() - start))
+    for n in (4096, 8192) if device == "cuda" else (1024, 2048, 4096):
+        a, b = (torch.randn(n, n, device=device, dtype=getattr(torch, dtype)) for _ in range(2))
+        calls = max(1, 2**33 // n**3)  # about 16 GFLOP per timed run
+        for _ in range(reps + 1):
+            sync(device)
+            start = time.perf_counter()
+            for _ in range(calls):
+                torch.mm(a, b)
+            sync(device)
+            best = max(best, calls * 2 * n**3 / (time.perf_counter() - start))
     return best
 
 

@@ -253,7 +253,8 @@ def train(cfg: TrainConfig) -> dict:
             monitor_knn(epoch)
     images_per_s = (step - step_start) * cfg.batch_size / max(train_seconds, 1e-9)
 
-    summary = {"steps": step, "epochs": epoch, "images_per_s": images_per_s, "knn_history": history}
+    summary = {"steps": step, "epochs": epoch, "images_per_s": images_per_s, "precision": precision,
+               "knn_history": history}
     if main:
         if not history or history[-1][0] != epoch:
             monitor_knn(epoch)
