@@ -25,6 +25,9 @@ from common import (RESULTS, can_measure_cpu_memory, cpu_peak, device_name, pick
 SETTINGS = {"fp32": ("fp32", False, False), "fp32 channels_last": ("fp32", True, False),
             "bf16 channels_last": ("bf16", True, False), "bf16 channels_last compiled": ("bf16", True, True)}
 METHOD_ORDER = ("ressl", "isd", "resa", "mocov2", "byol")
+# A cold torch.compile of one method's step takes ~9 minutes on a 2-core CPU (and runs slower than eager there):
+# on CPUs the full run measures the compiled setting for ReSSL alone.
+CPU_COMPILED_METHODS = ("ressl",)
 
 
 def defaults(device: str, mode: str) -> dict:
@@ -88,19 +91,22 @@ def _flops_per_image(method: str, arch: str, size: int, batch: int) -> float:
 
 
 def _matmul_peak(device: str, dtype: str, reps: int) -> float:
-    """Subprocess side: the best FLOP/s of large square matmuls in this dtype, over a few sizes (on CPUs a
-    1024-side fp32 matmul runs well below what the convolutions reach)."""
+    """Subprocess side: the best FLOP/s of large square matmuls in this dtype, over a few sizes, each run as
+    torch.mm and as a 1x1 convolution (on this AMD CPU torch.mm is MKL's, whose fp32 runs at half the rate of
+    oneDNN's, the library the convolutions run on; on CPUs a 1024-side matmul also runs below the larger ones)."""
     best = 0.0
     for n in (4096, 8192) if device == "cuda" else (1024, 2048, 4096):
         a, b = (torch.randn(n, n, device=device, dtype=getattr(torch, dtype)) for _ in range(2))
-        calls = max(1, 2**33 // n**3)  # about 16 GFLOP per timed run
-        for _ in range(reps + 1):
-            sync(device)
-            start = time.perf_counter()
-            for _ in range(calls):
-                torch.mm(a, b)
-            sync(device)
-            best = max(best, calls * 2 * n**3 / (time.perf_counter() - start))
+        image = a.view(n // 16, 4, 4, n).permute(0, 3, 1, 2)  # the same n x n product: n pixels, n channels
+        for product in (lambda: torch.mm(a, b), lambda: torch.nn.functional.conv2d(image, b.view(n, n, 1, 1))):
+            calls = max(1, 2**33 // n**3)  # about 16 GFLOP per timed run
+            for _ in range(reps + 1):
+                sync(device)
+                start = time.perf_counter()
+                for _ in range(calls):
+                    product()
+                sync(device)
+                best = max(best, calls * 2 * n**3 / (time.perf_counter() - start))
     return best
 
 
@@ -111,8 +117,9 @@ def methods_available() -> list[str]:
 
 def run(mode: str = "full", device: str = "auto", arch: str | None = None, size: int | None = None,
         batch: int | None = None, out_dir: str | None = None) -> dict:
-    """mode: full (every setting) | quick (fp32 and bf16 channels_last, fewer steps) | smoke (the test suite's
-    check that the script runs: a tiny network, one run of one step)."""
+    """mode: full (every setting; on CPUs the compiled one for CPU_COMPILED_METHODS only) | quick (fp32 and
+    bf16 channels_last, fewer steps) | smoke (the test suite's check that the script runs: a tiny network, one
+    run of one step)."""
     device = pick_device(device)
     shape = {**defaults(device, mode), **{k: v for k, v in dict(arch=arch, size=size, batch=batch).items() if v}}
     steps, reps = {"full": (5, 5), "quick": (3, 3), "smoke": (1, 1)}[mode]
@@ -125,6 +132,8 @@ def run(mode: str = "full", device: str = "auto", arch: str | None = None, size:
     for method in methods:
         flops = run_script(__file__, "flops", method, shape["arch"], str(shape["size"]), str(shape["batch"]))
         for setting in settings:
+            if SETTINGS[setting][2] and device == "cpu" and method not in CPU_COMPILED_METHODS:
+                continue
             m = run_script(__file__, "step", method, shape["arch"], str(shape["size"]), str(shape["batch"]), device,
                            setting, str(steps), str(reps))
             peak = peaks["bfloat16" if SETTINGS[setting][0] == "bf16" else "float32"]
