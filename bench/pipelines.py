@@ -178,11 +178,10 @@ def _run(mode: str, device: str, data_dir: str | None, work: Path) -> dict:
     small = data.load("fashion-mnist").subset(n_small)
     small_beton = (beton_of(small, work / f"bench-fashion-mnist-{len(small)}_train.beton") if _available("ffcv")
                    else None)
-    batch = batch_small
     print(f"32 px: {len(small)} Fashion-MNIST images in memory", file=sys.stderr)
-    loaders = _loaders(small, small_beton, 32, batch, dev, ["torch", "dali", "ffcv", "tensor"])
-    results["sizes"]["32"] = {"images": len(small), "batch": batch, "data": "fashion-mnist",
-                              "rows": _measure(loaders, batch, device, reps)}
+    loaders = _loaders(small, small_beton, 32, batch_small, dev, ["torch", "dali", "ffcv", "tensor"])
+    results["sizes"]["32"] = {"images": len(small), "batch": batch_small, "data": "fashion-mnist",
+                              "rows": _measure(loaders, batch_small, device, reps)}
 
     rows = results["sizes"]["224"]["rows"]
     best = max((k for k in rows if k not in ("torch", "decode")), key=lambda k: rows[k]["median"], default=None)

@@ -98,8 +98,8 @@ def _matmul_peak(device: str, dtype: str, reps: int) -> float:
     for n in (4096, 8192) if device == "cuda" else (1024, 2048, 4096):
         a, b = (torch.randn(n, n, device=device, dtype=getattr(torch, dtype)) for _ in range(2))
         image = a.view(n // 16, 4, 4, n).permute(0, 3, 1, 2)  # the same n x n product: n pixels, n channels
+        calls = max(1, 2**33 // n**3)  # about 16 GFLOP per timed run
         for product in (lambda: torch.mm(a, b), lambda: torch.nn.functional.conv2d(image, b.view(n, n, 1, 1))):
-            calls = max(1, 2**33 // n**3)  # about 16 GFLOP per timed run
             for _ in range(reps + 1):
                 sync(device)
                 start = time.perf_counter()
