@@ -36,6 +36,7 @@ class TrainConfig:
     proj_hidden: int | None = None
     proj_dim: int | None = None
     crops: int = 1
+    views: str = ""
     bn_splits: int = 8
     out: str = "runs/fastssl"
     resume: bool = False
@@ -80,6 +81,9 @@ HELP = {
     "proj_dim": "projection (embedding) dimension (isd: 1/4 of the backbone width when unset)",
     "crops": "student crops per image for ReSSL multi-crop: 1 = the strong view only, up to 5 = ReSSL's "
              "224/192/160/128/96 px set scaled to the image size",
+    "views": "changes to the method's view recipe: space-separated ROLE.FIELD=VALUE, e.g. 'weak.crop_scale=1,1' "
+             "(the teacher sees whole images); roles: the method's views (ressl: weak, strong), fields: those of "
+             "fastssl.views.ViewSpec",
     "bn_splits": "BatchNorm statistics groups in one process (split-BN; 1 = plain BN; unused under torchrun)",
     "out": "run folder: checkpoint.pt, backbone.pt, metrics.csv, tb/, knn.png, summary.json",
     "resume": "continue the run in --out from its checkpoint, with its settings (but --epochs, --max-steps, "

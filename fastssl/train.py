@@ -21,6 +21,7 @@ from .config import TrainConfig, from_dict, resolve, to_dict
 from .errors import UserError
 from .evaluate import extract_features, knn_accuracy, with_data_bn_stats
 from .models import SMALL_IMAGE_MAX, build_backbone, split_batchnorm
+from .views import apply_overrides
 
 
 # Settings a resumed run takes from its command line; every other one comes from the checkpoint.
@@ -170,7 +171,7 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.compile:
         for module in method.children():
             module.compile()
-    views = method.views(cfg, size, *train_set.mean_std)
+    views = apply_overrides(method.views(cfg, size, *train_set.mean_std), cfg.views)
     loader = pipelines.build(cfg.pipeline, train_set, views, batch_size=cfg.batch_size // world, device=device,
                              workers=cfg.workers, seed=cfg.seed, rank=rank, world=world,
                              channels_last=cfg.channels_last)
@@ -195,7 +196,8 @@ def train(cfg: TrainConfig) -> dict:
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
         print(f"fastssl: {cfg.method} | {cfg.arch} @ {size}px | {len(train_set)} images from {train_set.root} | "
               f"pipeline {cfg.pipeline} | {device} {precision}{' channels_last' if cfg.channels_last else ''}"
-              f"{' compiled' if cfg.compile else ''} | {world} process(es)")
+              f"{' compiled' if cfg.compile else ''} | {world} process(es)"
+              f"{f' | views changed: {cfg.views}' if cfg.views else ''}")
         print(f"lr {lr:.4g} = {cfg.lr} x batch {cfg.batch_size} / 256 | {cfg.epochs} epochs x {steps_per_epoch} "
               f"steps | warm-up {warmup_steps / steps_per_epoch:.3g} epochs{capped}, then cosine"
               f"{f' | resuming at step {step}' if step else ''}")

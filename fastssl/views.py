@@ -8,7 +8,9 @@ and never see which pipeline made them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
+
+from .errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -88,4 +90,29 @@ def multi_crop(base: ViewSpec, n_crops: int = 5) -> list[ViewSpec]:
     for size, scale in MULTI_CROP_224[:n_crops]:
         side = max(8, round(size * base.size / 224))
         out.append(replace(base, size=side, crop_scale=scale))
+    return out
+
+
+def apply_overrides(views: dict[str, ViewSpec], text: str) -> dict[str, ViewSpec]:
+    """`views` with the changes in `text`: space-separated ROLE.FIELD=VALUE items, e.g. "weak.crop_scale=1,1
+    strong.jitter_p=0.5"; a pair field takes two comma-separated numbers. Roles are the method's view names."""
+    out = dict(views)
+    for item in text.split():
+        role, _, rest = item.partition(".")
+        name, eq, value = rest.partition("=")
+        if not eq or not name:
+            raise UserError(f"view setting {item!r} must read ROLE.FIELD=VALUE, e.g. weak.crop_scale=1,1")
+        if role not in out:
+            raise UserError(f"view setting {item!r}: this method has no view {role!r}; its views: {', '.join(out)}")
+        known = {f.name for f in fields(ViewSpec)}
+        if name not in known:
+            raise UserError(f"view setting {item!r}: no field {name!r}; fields: {', '.join(sorted(known))}")
+        current = getattr(out[role], name)
+        try:
+            parsed = tuple(float(v) for v in value.split(",")) if isinstance(current, tuple) else type(current)(value)
+            if isinstance(current, tuple) and len(parsed) != len(current):
+                raise ValueError(f"{name} takes {len(current)} comma-separated numbers")
+            out[role] = replace(out[role], **{name: parsed})
+        except ValueError as e:
+            raise UserError(f"view setting {item!r}: {e}") from None
     return out

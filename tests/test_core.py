@@ -14,7 +14,8 @@ from fastssl.kernels import relational_loss, relational_loss_reference
 from fastssl.models import SplitBatchNorm2d, build_backbone, ema_update, split_batchnorm
 from fastssl.pipelines.torch_loader import to_torchvision
 from fastssl.queue import EmbeddingQueue
-from fastssl.views import ViewSpec, multi_crop, strong, weak
+from fastssl.errors import UserError
+from fastssl.views import ViewSpec, apply_overrides, multi_crop, strong, weak
 
 
 def unit(*shape, seed=0, dtype=torch.float64):
@@ -103,11 +104,15 @@ def test_split_batchnorm_normalises_each_group_alone():
     out = bn(x)
     plain = [nn.BatchNorm2d(3), nn.BatchNorm2d(3)]
     expected = torch.empty_like(x)
-    expected[0::2], expected[1::2] = plain[0](x[0::2]), plain[1](x[1::2])  # group = sample index mod splits
+    expected[:4], expected[4:] = plain[0](x[:4]), plain[1](x[4:])  # groups: consecutive halves of the batch
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     for stat in ("running_mean", "running_var"):  # the mean of the groups' updates
         expected_stat = (getattr(plain[0], stat) + getattr(plain[1], stat)) / 2
         torch.testing.assert_close(getattr(bn, stat), expected_stat, rtol=1e-6, atol=1e-6)
+    cl = SplitBatchNorm2d(3, splits=2)  # a channels_last batch stays channels_last, same values
+    out_cl = cl(x.contiguous(memory_format=torch.channels_last))
+    assert out_cl.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out_cl, expected, rtol=1e-5, atol=1e-5)
     bn.eval()
     torch.testing.assert_close(bn(x), F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False))
 
@@ -160,6 +165,21 @@ def test_view_presets_follow_the_papers():
         ViewSpec(32, grayscale_p=1.5)
     with pytest.raises(ValueError, match="crop_scale"):
         ViewSpec(32, crop_scale=(0.5, 0.2))
+
+
+def test_view_overrides_change_only_the_named_fields():
+    views = {"weak": weak(28), "strong": strong(28)}
+    changed = apply_overrides(views, "weak.crop_scale=1,1 weak.flip_p=0 strong.jitter_p=0.5")
+    assert changed["weak"] == ViewSpec(28, crop_scale=(1.0, 1.0), flip_p=0.0)
+    assert changed["strong"] == ViewSpec(**{**strong(28).__dict__, "jitter_p": 0.5})
+    assert apply_overrides(views, "") == views and views["weak"] == weak(28)  # the input is left as it was
+    # whole-image crop, no flip: the view is the image itself
+    img = torch.randint(0, 256, (3, 28, 28), dtype=torch.uint8)
+    assert torch.equal(to_torchvision(changed["weak"])(img), img)
+    for bad, message in [("weak.crop_scale=1", "takes 2 comma-separated numbers"), ("weak", "ROLE.FIELD=VALUE"),
+                         ("weak.colour=1", "no field 'colour'"), ("weak.flip_p=2", "not a probability")]:
+        with pytest.raises(UserError, match=message):
+            apply_overrides(views, bad)
 
 
 def test_torchvision_views_have_the_right_shape_and_statistics():

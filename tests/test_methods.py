@@ -298,14 +298,16 @@ def test_defaults_are_valid_settings(name):
 LEARN = dict(arch="resnet18-w8", data="fashion-mnist", pipeline="tensor", batch_size=64, train_subset=2048,
              epochs=2, knn_every=2, warmup_epochs=0, lr=0.5, knn_bank=2000, knn_queries=1000, knn_k=20,
              device="cpu", precision="fp32", log_every=16)
-LEARN_SETTINGS = {"ressl": {"queue_size": 256}, "isd": {"queue_size": 256}, "mocov2": {"queue_size": 512},
+# ReSSL at 28 px learns too slowly for 64 steps to show it on every seed (seeds 0-3: -8 to +7 points); at 16 px,
+# 128 steps and lr 0.24 it gains 4.4-11.7.
+LEARN_SETTINGS = {"ressl": {"queue_size": 256, "image_size": 16, "epochs": 4, "knn_every": 4, "lr": 0.24}, "isd": {"queue_size": 256}, "mocov2": {"queue_size": 512},
                   "byol": {}, "resa": {"momentum": 0.9}}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_a_short_run_learns(name, tmp_path):
-    cfg = TrainConfig(method=name, **LEARN, **LEARN_SETTINGS[name], out=str(tmp_path))
+    cfg = TrainConfig(method=name, **{**LEARN, **LEARN_SETTINGS[name]}, out=str(tmp_path))
     summary = train(cfg)
     (_, random_init), (_, trained) = summary["knn_history"]  # random init: with its BN statistics of the data
     assert trained > random_init + 4, summary["knn_history"]

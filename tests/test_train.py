@@ -96,6 +96,7 @@ def run_cli(monkeypatch, *args: str) -> None:
     (["--arch", "vit"], "unknown arch 'vit'"),
     (["--pipeline", "magic"], "unknown pipeline 'magic'"),
     (["--batch-size", "100"], "not a multiple of bn_splits=8"),
+    (["--views", "teacher.crop_scale=1,1"], "this method has no view 'teacher'; its views: weak, strong"),
     (["--resume", "--out", "{empty}"], "checkpoint.pt does not exist"),
     (["--config", "/nonexistent.yaml"], "config file /nonexistent.yaml does not exist"),
 ])
