@@ -96,7 +96,7 @@ def multi_crop(base: ViewSpec, n_crops: int = 5) -> list[ViewSpec]:
 def apply_overrides(views: dict[str, ViewSpec], text: str) -> dict[str, ViewSpec]:
     """`views` with the changes in `text`: space-separated ROLE.FIELD=VALUE items, e.g. "weak.crop_scale=1,1
     strong.jitter_p=0.5"; a pair field takes two comma-separated numbers. Roles are the method's view names."""
-    out = dict(views)
+    out, known = dict(views), {f.name for f in fields(ViewSpec)}
     for item in text.split():
         role, _, rest = item.partition(".")
         name, eq, value = rest.partition("=")
@@ -104,7 +104,6 @@ def apply_overrides(views: dict[str, ViewSpec], text: str) -> dict[str, ViewSpec
             raise UserError(f"view setting {item!r} must read ROLE.FIELD=VALUE, e.g. weak.crop_scale=1,1")
         if role not in out:
             raise UserError(f"view setting {item!r}: this method has no view {role!r}; its views: {', '.join(out)}")
-        known = {f.name for f in fields(ViewSpec)}
         if name not in known:
             raise UserError(f"view setting {item!r}: no field {name!r}; fields: {', '.join(sorted(known))}")
         current = getattr(out[role], name)
