@@ -16,7 +16,7 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 
-from .relational_cpu import relational_loss_cpu
+from .relational_cpu import DEFAULT_BLOCK, relational_loss_cpu
 
 TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
 
@@ -53,17 +53,26 @@ def _relational_loss_triton(q, k, queue, tau_s: float, tau_t: float, reduction: 
 _IMPLS = {"reference": relational_loss_reference, "cpu": relational_loss_cpu, "triton": _relational_loss_triton}
 
 
+def auto_impl(q: torch.Tensor, queue: torch.Tensor) -> str:
+    """"triton" for CUDA tensors when triton is installed; elsewhere "cpu", unless the queue fits in one of its
+    blocks: then the blockwise path saves little memory and its backward's second pass over the queue makes it
+    1.25-1.6x slower than the reference (bench/loss.py, K=4096)."""
+    if q.is_cuda and TRITON_AVAILABLE:
+        return "triton"
+    return "reference" if queue.shape[0] <= DEFAULT_BLOCK else "cpu"
+
+
 def relational_loss(q, k, queue, tau_s: float, tau_t: float, *, impl: str = "auto", reduction: str = "mean"):
     """Mean cross-entropy between teacher and student similarity distributions over the queue.
 
     impl: "reference" (materialises [B,K]) | "cpu" (blockwise torch, any device, O(B*block) memory) |
-          "triton" (GPU kernels) | "auto" ("triton" for CUDA tensors when triton is installed, else "cpu").
+          "triton" (GPU kernels) | "auto" (`auto_impl`).
     reduction: "mean" (a scalar) or "none" (per-row values, shape q.shape[:-1]).
     """
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
     if impl == "auto":
-        impl = "triton" if q.is_cuda and TRITON_AVAILABLE else "cpu"
+        impl = auto_impl(q, queue)
     if impl not in _IMPLS:
         raise ValueError(f"unknown impl {impl!r}; choose from {sorted(_IMPLS)} or 'auto'")
     _check(q, k, queue, tau_s, tau_t)

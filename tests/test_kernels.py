@@ -21,7 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from fastssl.kernels import relational as R
-from fastssl.kernels.relational_cpu import relational_loss_cpu
+from fastssl.kernels.relational_cpu import DEFAULT_BLOCK, relational_loss_cpu
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
@@ -145,10 +145,12 @@ def test_no_gradient_to_teacher_or_queue(impl):
     assert k.grad is None and queue.grad is None
 
 
-def test_auto_picks_cpu_for_cpu_tensors(monkeypatch):
-    monkeypatch.setitem(R._IMPLS, "cpu", lambda *a, **kw: "cpu")
-    q, k, queue = _inputs((0, 2, 10, 64, 0.04, 1.0))
-    assert R.relational_loss(q, k, queue, 0.1, 0.04) == "cpu"
+@pytest.mark.parametrize("keys, expected", [(DEFAULT_BLOCK, "reference"), (DEFAULT_BLOCK + 1, "cpu")])
+def test_auto_on_cpu_tensors_streams_only_queues_longer_than_a_block(monkeypatch, keys, expected):
+    for name in ("reference", "cpu"):
+        monkeypatch.setitem(R._IMPLS, name, lambda *a, name=name, **kw: name)
+    q, k, queue = _inputs((0, 2, keys, 64, 0.04, 1.0))
+    assert R.relational_loss(q, k, queue, 0.1, 0.04) == expected
 
 
 @pytest.mark.parametrize("kwargs, match", [
