@@ -6,9 +6,7 @@ Writes loss.json and loss.md to DIR (default bench/results/) and prints the tabl
 
 Each shape is measured in a fresh subprocess, so the caller's threads and allocator state do not leak in.
 Time: median, min and max over repeated runs after a warm-up; the implementations take turns run by run, so
-load from other processes hits them alike. The subprocesses run with OMP_WAIT_POLICY=PASSIVE (unless set):
-on a shared, oversubscribed CPU, spinning OpenMP threads make every parallel region wait for a descheduled
-thread, and the timing then measures the other tenants, not the loss. Peak extra memory is what one
+load from other processes hits them alike. Peak extra memory is what one
 forward+backward needs above its inputs: on CUDA from torch.cuda.max_memory_allocated; on CPU from the
 resident set of one more fresh subprocess per case (VmHWM, reset through /proc/self/clear_refs just before the
 call), with glibc told to mmap every allocation over 64 KiB so that a freed tensor leaves the resident set.
@@ -18,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from functools import partial
 
@@ -120,7 +117,6 @@ def run(mode: str = "full", device: str = "auto", out_dir: str | None = None) ->
     results = {
         "device": device_name(device),
         "torch": torch.__version__, "B": BATCH, "dtype": "float32", "tau_s": TAU_S, "tau_t": TAU_T, "reps": reps,
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
         "cases": cases, "target": _target(cases, "triton" if device == "cuda" and R.TRITON_AVAILABLE else "cpu"),
     }
     write(out_dir, "loss", results, to_markdown(results))
@@ -140,7 +136,7 @@ def _target(cases: list, impl: str) -> dict | None:
 def to_markdown(results: dict) -> str:
     fmt = lambda v, spec: "n/a" if v is None else format(v, spec)  # noqa: E731
     lines = [f"Relational loss forward+backward, B={results['B']}, {results['dtype']}, tau_s={results['tau_s']}, "
-             f"tau_t={results['tau_t']}; {results['device']} (OMP_WAIT_POLICY={results['omp_wait_policy']}), "
+             f"tau_t={results['tau_t']}; {results['device']}, "
              f"torch {results['torch']}; median (min-max) of {results['reps']} runs.", "",
              "| K | D | impl | ms | time / ref | peak extra MiB | memory / ref |",
              "|---:|---:|---|---:|---:|---:|---:|"]

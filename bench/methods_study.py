@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -49,13 +48,9 @@ def _train_one(settings: dict) -> dict:
 
 
 def _run_method(settings: dict) -> dict:
-    """One method in a fresh interpreter: its progress bar on stderr, its result as the last stdout line.
-
-    OMP_WAIT_POLICY=PASSIVE unless set, as in the other benchmarks: spinning OpenMP threads on a shared CPU time
-    the other tenants."""
-    env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    """One method in a fresh interpreter: its progress bar on stderr, its result as the last stdout line."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--_sub", json.dumps(settings)]
-    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{settings['method']} failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}")
     *log, result = proc.stdout.strip().splitlines()
@@ -70,7 +65,7 @@ def run(epochs: int, arch: str, batch_size: int, train_subset: int, knn_bank: in
     common = dict(arch=arch, data="fashion-mnist", pipeline="tensor", epochs=epochs, batch_size=batch_size,
                   train_subset=train_subset, knn_bank=knn_bank, knn_queries=knn_queries, knn_every=1,
                   device=device, precision=precision, log_every=50)
-    results = {"device": device_name(device), "torch": torch.__version__, **common, "methods": {}}
+    results = {**common, "device": device_name(device), "torch": torch.__version__, "methods": {}}
     for method in methods:
         run_dir = runs_dir / method
         shutil.rmtree(run_dir, ignore_errors=True)  # the trainer refuses to start over an earlier run

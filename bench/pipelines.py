@@ -22,23 +22,19 @@ them alike; images/s is the median (min-max) of the timed runs.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
-# Before torch and numba start OpenMP: spinning idle threads (torch's, FFCV's numba) would steal the two cores.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import numpy as np
+import torch
+from common import RESULTS, device_name, pick_device, summary, sync, write
+from PIL import Image
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from common import RESULTS, device_name, pick_device, summary, sync, write  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from fastssl import data  # noqa: E402
-from fastssl.config import TrainConfig  # noqa: E402
-from fastssl.methods.ressl import ReSSL  # noqa: E402
-from fastssl.pipelines import build  # noqa: E402
+from fastssl import data
+from fastssl.config import TrainConfig
+from fastssl.methods.ressl import ReSSL
+from fastssl.pipelines import build
 
 WORKERS = 2
 TARGET = {"vs_torchvision": 3.0, "vs_decode": 0.8}  # the bar for the best pipeline at 224 px
