@@ -6,10 +6,10 @@ Writes loss.json and loss.md to DIR (default bench/results/) and prints the tabl
 
 Each shape is measured in a fresh subprocess, so the caller's threads and allocator state do not leak in.
 Time: median, min and max over repeated runs after a warm-up; the implementations take turns run by run, so
-load from other processes hits them alike. Peak extra memory is what one
-forward+backward needs above its inputs: on CUDA from torch.cuda.max_memory_allocated; on CPU from the
-resident set of one more fresh subprocess per case (VmHWM, reset through /proc/self/clear_refs just before the
-call), with glibc told to mmap every allocation over 64 KiB so that a freed tensor leaves the resident set.
+load from other processes hits them alike. Peak extra memory is what one forward+backward needs above its
+inputs: on CUDA from torch.cuda.max_memory_allocated; on CPU from the resident set of one more fresh subprocess
+per case (VmHWM, reset through /proc/self/clear_refs just before the call), with glibc told to mmap every
+allocation over 64 KiB so that a freed tensor leaves the resident set.
 """
 
 from __future__ import annotations
