@@ -86,7 +86,7 @@ def plot(results: dict, path: Path) -> None:
         ax.set(title=title, xlabel=unit)
         ax.invert_yaxis()
         for i, v in enumerate(values):
-            ax.text(v, i, f" {v:.3g}", va="center", fontsize=8)
+            ax.text(v, i, f" {v:.0f}" if v >= 100 else f" {v:.3g}", va="center", fontsize=8)  # 1360, not 1.36e+03
 
     rows = results["loader"]["sizes"]["224"]["rows"]
     bars(axes[0], list(rows), [r["median"] for r in rows.values()], "loaders, two views at 224 px", "images/s")
