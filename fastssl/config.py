@@ -35,6 +35,7 @@ class TrainConfig:
     momentum: float | None = None
     proj_hidden: int | None = None
     proj_dim: int | None = None
+    proj_bn: bool = False
     crops: int = 1
     views: str = ""
     bn_splits: int = 8
@@ -79,6 +80,8 @@ HELP = {
     "momentum": "teacher EMA momentum (the start of the cosine schedule where the method uses one)",
     "proj_hidden": "projection head hidden width (isd: 2x the backbone width when unset)",
     "proj_dim": "projection (embedding) dimension (isd: 1/4 of the backbone width when unset)",
+    "proj_bn": "ressl: BatchNorm after the projection head's hidden layer, as in BYOL's projector (the ReSSL "
+               "paper's head has none)",
     "crops": "student crops per image for ReSSL multi-crop: 1 = the strong view only, up to 5 = ReSSL's "
              "224/192/160/128/96 px set scaled to the image size",
     "views": "changes to the method's view recipe: space-separated ROLE.FIELD=VALUE, e.g. 'weak.crop_scale=1,1' "

@@ -137,9 +137,10 @@ def ema_source(m) -> list[nn.Parameter]:
     return list((m.student[:2] if m.name in ("isd", "byol") else m.student).parameters())
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
-def test_loss_equals_the_reference_with_the_teacher_updated_before_its_forward(name):
-    m, views = build(name)
+@pytest.mark.parametrize("name, settings", [(n, {}) for n in sorted(METHODS)] + [("ressl", {"proj_bn": True})],
+                         ids=[*sorted(METHODS), "ressl-proj_bn"])
+def test_loss_equals_the_reference_with_the_teacher_updated_before_its_forward(name, settings):
+    m, views = build(name, **settings)
     perturb_student(m)
     before = copy.deepcopy(m.teacher)
     progress = 0.3
@@ -240,6 +241,20 @@ def test_resa_has_its_predictor_on_imagenet_sized_images_only():
     large, _ = build("resa", size=96)
     assert isinstance(small.student.predictor, nn.Identity)
     assert isinstance(large.student.predictor, nn.Sequential) and not hasattr(large.teacher, "predictor")
+
+
+def test_ressl_proj_bn_puts_batchnorm_in_both_heads_hidden_layers():
+    plain, _ = build("ressl")
+    m, _ = build("ressl", proj_bn=True)
+    assert not any(isinstance(layer, nn.BatchNorm1d) for layer in plain.student.modules())
+    for head in (m.student[1], m.teacher[1]):
+        assert [type(layer) for layer in head] == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear]
+
+
+@pytest.mark.parametrize("name", sorted(set(METHODS) - {"ressl"}))
+def test_proj_bn_on_another_method_is_a_user_error(name):
+    with pytest.raises(UserError, match=f"{name}'s head is its paper's"):
+        build(name, proj_bn=True)
 
 
 def test_isd_heads_scale_with_the_backbone_width():

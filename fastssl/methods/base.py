@@ -22,6 +22,7 @@ class Method(nn.Module):
     name: ClassVar[str]
     backprops_per_image: ClassVar[int]  # student backward passes per image: the "1x vs 2x" cost
     max_crops: ClassVar[int] = 1  # student crops per image the method can take (cfg.crops; multi-crop)
+    head_bn_switch: ClassVar[bool] = False  # cfg.proj_bn changes its head (other heads are their papers')
 
     @staticmethod
     def defaults(small: bool) -> dict:
@@ -38,6 +39,8 @@ class Method(nn.Module):
         if not 1 <= cfg.crops <= self.max_crops:
             raise UserError(f"crops={cfg.crops}: {self.name} takes " + (
                 f"1 to {self.max_crops} student crops" if self.max_crops > 1 else "no multi-crop; leave crops at 1"))
+        if cfg.proj_bn and not self.head_bn_switch:
+            raise UserError(f"proj_bn: {self.name}'s head is its paper's (only ressl takes --proj-bn); leave it off")
         self.cfg = cfg
         self.distributed_student: nn.Module | None = None  # a DDP wrapper of `student`, kept outside the state
 

@@ -29,6 +29,7 @@ class ReSSL(Method):
     name = "ressl"
     backprops_per_image = 1
     max_crops = len(MULTI_CROP_224)
+    head_bn_switch = True
 
     @staticmethod
     def defaults(small: bool) -> dict:
@@ -45,7 +46,8 @@ class ReSSL(Method):
 
     def __init__(self, cfg, backbone):
         super().__init__(cfg, backbone)
-        self.student = nn.Sequential(backbone, mlp([backbone.out_dim, cfg.proj_hidden, cfg.proj_dim]))
+        self.student = nn.Sequential(backbone, mlp([backbone.out_dim, cfg.proj_hidden, cfg.proj_dim],
+                                                       hidden_bn=cfg.proj_bn))
         self.teacher = copy.deepcopy(self.student).requires_grad_(False)
         self.queue = EmbeddingQueue(cfg.queue_size, cfg.proj_dim, seed=cfg.seed)
         self._keys: torch.Tensor | None = None
