@@ -59,9 +59,10 @@ def test_checkpoints_are_replaced_atomically(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_a_short_run_learns_and_evaluates(tmp_path, capsys, monkeypatch):
-    # 16 px views and a high learning rate: 384 steps of an 8-wide ResNet-18 learn clearly in about a minute
+    # 16 px views, a high learning rate and the whole-image teacher of the README's Fashion-MNIST runs: 384 steps
+    # of an 8-wide ResNet-18 gain 7-13 points over seeds 0-2 (with the paper's teacher crop: -6 to +5)
     cfg = TrainConfig(**{**SMALL, "log_every": 20}, image_size=16, train_subset=4096, epochs=6, lr=0.24,
-                      warmup_epochs=0.5, knn_every=6, out=str(tmp_path))
+                      warmup_epochs=0.5, knn_every=6, views="weak.crop_scale=1,1", out=str(tmp_path))
     summary = train(cfg)
     (_, random_init), (_, trained) = summary["knn_history"]
     assert trained > random_init + 5, summary["knn_history"]

@@ -46,8 +46,8 @@ class ReSSL(Method):
 
     def __init__(self, cfg, backbone):
         super().__init__(cfg, backbone)
-        self.student = nn.Sequential(backbone, mlp([backbone.out_dim, cfg.proj_hidden, cfg.proj_dim],
-                                                       hidden_bn=cfg.proj_bn))
+        head = mlp([backbone.out_dim, cfg.proj_hidden, cfg.proj_dim], hidden_bn=cfg.proj_bn)  # the paper's: no BN
+        self.student = nn.Sequential(backbone, head)
         self.teacher = copy.deepcopy(self.student).requires_grad_(False)
         self.queue = EmbeddingQueue(cfg.queue_size, cfg.proj_dim, seed=cfg.seed)
         self._keys: torch.Tensor | None = None
