@@ -30,20 +30,33 @@ from fastssl.views import ViewSpec
 from .common import epoch_indices, optional, sample_seed
 from .device_augment import photometric, sample_params, standardize, to_unit
 
-optional("ffcv", "ffcv")  # a one-line error naming the extra when FFCV is missing
-from ffcv.fields.basics import IntDecoder  # noqa: E402
-from ffcv.fields.decoders import CenterCropRGBImageDecoder  # noqa: E402
-from ffcv.fields.rgb_image import IMAGE_MODES, get_random_crop  # noqa: E402
-from ffcv.libffcv import imdecode, resize_crop  # noqa: E402
-from ffcv.loader import Loader, OrderOption  # noqa: E402
-from ffcv.pipeline import PipelineSpec  # noqa: E402
-from ffcv.pipeline.allocation_query import AllocationQuery  # noqa: E402
-from ffcv.pipeline.compiler import Compiler  # noqa: E402
-from ffcv.pipeline.operation import Operation  # noqa: E402
-from ffcv.transforms import ToDevice, ToTensor, ToTorchImage  # noqa: E402
-from llvmlite import ir  # noqa: E402
-from numba import types  # noqa: E402
-from numba.extending import intrinsic  # noqa: E402
+
+@contextlib.contextmanager
+def _torch_threads_kept():
+    """FFCV sets torch's intra-op threads (to 1 on import, to its worker count making a Loader and starting
+    an epoch): undo it."""
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+with _torch_threads_kept():  # importing FFCV (its ffcv.pipeline.compiler) sets torch's threads to 1
+    optional("ffcv", "ffcv")  # a one-line error naming the extra when FFCV is missing
+    from ffcv.fields.basics import IntDecoder  # noqa: E402
+    from ffcv.fields.decoders import CenterCropRGBImageDecoder  # noqa: E402
+    from ffcv.fields.rgb_image import IMAGE_MODES, get_random_crop  # noqa: E402
+    from ffcv.libffcv import imdecode, resize_crop  # noqa: E402
+    from ffcv.loader import Loader, OrderOption  # noqa: E402
+    from ffcv.pipeline import PipelineSpec  # noqa: E402
+    from ffcv.pipeline.allocation_query import AllocationQuery  # noqa: E402
+    from ffcv.pipeline.compiler import Compiler  # noqa: E402
+    from ffcv.pipeline.operation import Operation  # noqa: E402
+    from ffcv.transforms import ToDevice, ToTensor, ToTorchImage  # noqa: E402
+    from llvmlite import ir  # noqa: E402
+    from numba import types  # noqa: E402
+    from numba.extending import intrinsic  # noqa: E402
 
 
 @intrinsic
@@ -133,14 +146,6 @@ class _EpochOrder:
         return self.rows
 
 
-@contextlib.contextmanager
-def _torch_threads_kept():
-    """FFCV sets torch's intra-op threads to its worker count (making a Loader, starting an epoch): undo it."""
-    threads = torch.get_num_threads()
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _to_device(device: torch.device) -> list:

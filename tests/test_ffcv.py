@@ -7,6 +7,9 @@ compiles its pipeline with numba (seconds), so the tests share loaders where the
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from pipeline_checks import (COLOURS, CPU, PROBE_VIEWS, check_colour_views, check_probe_rates,
@@ -117,3 +120,12 @@ def test_a_short_run_learns(fashion_folder, tmp_path):
     for split in ("train", "val"):
         convert(str(fashion_folder), tmp_path / f"fashion_{split}.beton", split=split, workers=2)
     check_short_run_learns(str(tmp_path / "fashion_train.beton"), "ffcv", tmp_path / "run")
+
+
+def test_importing_the_ffcv_pipeline_keeps_torchs_threads():
+    # FFCV sets torch's threads to 1 on import: a CPU run would train on one core. A fresh process, as this one
+    # imported FFCV long ago.
+    code = ("import torch; torch.set_num_threads(3); import fastssl.pipelines.ffcv_loader; "
+            "print(torch.get_num_threads())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["3"]
