@@ -146,8 +146,6 @@ class _EpochOrder:
         return self.rows
 
 
-
-
 def _to_device(device: torch.device) -> list:
     """FFCV's copy to the GPU (pinned buffers, its own stream); nothing on CPU."""
     return [ToDevice(device, non_blocking=True)] if device.type == "cuda" else []
