@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from types import ModuleType
 from typing import Iterator, Protocol
@@ -27,10 +28,22 @@ EXTRAS = {"dali": "pip install 'fastssl[dali]' ('fastssl[dali-cuda120]' with a C
           "ffcv": "pip install 'fastssl[ffcv]'"}
 
 
-def optional(module: str, extra: str) -> ModuleType:
-    """Import an optional dependency (DALI, FFCV), or say in one line how to install it."""
+@contextlib.contextmanager
+def torch_threads_kept():
+    """Undo what the block does to torch's intra-op threads: FFCV sets them to 1 on import and to its worker
+    count making a Loader and starting an epoch, which would leave a CPU run training on one core."""
+    threads = torch.get_num_threads()
     try:
-        return importlib.import_module(module)
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def optional(module: str, extra: str) -> ModuleType:
+    """Import an optional dependency (DALI, FFCV), or say in one line how to install it; torch's threads kept."""
+    try:
+        with torch_threads_kept():
+            return importlib.import_module(module)
     except ImportError as e:
         raise UserError(f"{extra.upper()} is not installed ({e}); {EXTRAS[extra]}") from None
 

@@ -18,7 +18,6 @@ batches), so a run resumes exactly at any batch.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import replace
 
 import numpy as np
@@ -27,36 +26,24 @@ import torch
 from fastssl.data import BetonSet
 from fastssl.views import ViewSpec
 
-from .common import epoch_indices, optional, sample_seed
+from .common import epoch_indices, optional, sample_seed, torch_threads_kept
 from .device_augment import photometric, sample_params, standardize, to_unit
 
 
-@contextlib.contextmanager
-def _torch_threads_kept():
-    """FFCV sets torch's intra-op threads (to 1 on import, to its worker count making a Loader and starting
-    an epoch): undo it."""
-    threads = torch.get_num_threads()
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-with _torch_threads_kept():  # importing FFCV (its ffcv.pipeline.compiler) sets torch's threads to 1
-    optional("ffcv", "ffcv")  # a one-line error naming the extra when FFCV is missing
-    from ffcv.fields.basics import IntDecoder  # noqa: E402
-    from ffcv.fields.decoders import CenterCropRGBImageDecoder  # noqa: E402
-    from ffcv.fields.rgb_image import IMAGE_MODES, get_random_crop  # noqa: E402
-    from ffcv.libffcv import imdecode, resize_crop  # noqa: E402
-    from ffcv.loader import Loader, OrderOption  # noqa: E402
-    from ffcv.pipeline import PipelineSpec  # noqa: E402
-    from ffcv.pipeline.allocation_query import AllocationQuery  # noqa: E402
-    from ffcv.pipeline.compiler import Compiler  # noqa: E402
-    from ffcv.pipeline.operation import Operation  # noqa: E402
-    from ffcv.transforms import ToDevice, ToTensor, ToTorchImage  # noqa: E402
-    from llvmlite import ir  # noqa: E402
-    from numba import types  # noqa: E402
-    from numba.extending import intrinsic  # noqa: E402
+optional("ffcv", "ffcv")  # a one-line error naming the extra when FFCV is missing; torch's threads kept
+from ffcv.fields.basics import IntDecoder  # noqa: E402
+from ffcv.fields.decoders import CenterCropRGBImageDecoder  # noqa: E402
+from ffcv.fields.rgb_image import IMAGE_MODES, get_random_crop  # noqa: E402
+from ffcv.libffcv import imdecode, resize_crop  # noqa: E402
+from ffcv.loader import Loader, OrderOption  # noqa: E402
+from ffcv.pipeline import PipelineSpec  # noqa: E402
+from ffcv.pipeline.allocation_query import AllocationQuery  # noqa: E402
+from ffcv.pipeline.compiler import Compiler  # noqa: E402
+from ffcv.pipeline.operation import Operation  # noqa: E402
+from ffcv.transforms import ToDevice, ToTensor, ToTorchImage  # noqa: E402
+from llvmlite import ir  # noqa: E402
+from numba import types  # noqa: E402
+from numba.extending import intrinsic  # noqa: E402
 
 
 @intrinsic
@@ -159,7 +146,7 @@ class FFCVLoader:
         self.epoch_seed = np.zeros(1, dtype=np.uint64)
         self.order = _EpochOrder()
         decoder = ViewsDecoder(list(views.values()), self.epoch_seed)
-        with _torch_threads_kept():
+        with torch_threads_kept():
             self.loader = Loader(images.root, batch_size=batch_size, num_workers=max(1, workers), drop_last=True,
                                  order=OrderOption.SEQUENTIAL, indices=images.rows.numpy(),
                                  pipelines={"image": PipelineSpec("image", decoder, [ToTensor(), *_to_device(device)]),
@@ -175,7 +162,7 @@ class FFCVLoader:
         order = epoch_indices(len(self.rows), self.batch_size, epoch, self.seed, self.rank, self.world)
         self.order.rows = self.rows[order[start_batch * self.batch_size:]].numpy().astype(np.uint64)
         self.epoch_seed[0] = sample_seed(self.seed, epoch, 0)
-        with _torch_threads_kept():
+        with torch_threads_kept():
             batches = iter(self.loader)
         try:
             for b, (packed, labels) in enumerate(batches, start=start_batch):
@@ -200,7 +187,7 @@ def eval_batches(images: BetonSet, size: int, batch_size: int, workers: int):
     """uint8 [B,3,size,size] batches of every image in order (evaluate.extract_features): the centre crop of
     224/256 of the shorter side (the whole image for sets converted from a named set) resized to size."""
     key = (images.root, size, batch_size, workers, images.rows.numpy().tobytes())
-    with _torch_threads_kept():
+    with torch_threads_kept():
         if key not in _EVAL_LOADERS:
             decoder = CenterCropRGBImageDecoder((size, size), ratio=1.0 if images.side else 224 / 256)
             _EVAL_LOADERS[key] = Loader(images.root, batch_size=batch_size, num_workers=max(1, workers),
