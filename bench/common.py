@@ -24,6 +24,8 @@ def pick_device(device: str) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda asked for but no CUDA device is visible; use --device cpu or auto")
     return device
 
 

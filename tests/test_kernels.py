@@ -235,5 +235,23 @@ def test_triton_matches_reference_interpreted(triton_verdicts, check):
     assert triton_verdicts[check] == "ok", triton_verdicts[check]
 
 
+# --- Triton kernels, compiled (on a CUDA machine) -------------------------------------------------------------
+
+# training-sized shapes: many queue chunks, the autotuned configs, real bf16 tl.dot inputs
+CUDA_CASES = [(0, 256, 16384, 128, 0.04, 1.0, None, "mean"), (2, 256, 65536, 256, 0.01, 1.0, None, "none")]
+CUDA_CHECKS = {**TRITON_CHECKS, **{f"{case} {dtype}": _triton_check(case, dtype)
+                                   for case in CUDA_CASES for dtype in (torch.float32, torch.bfloat16)}}
+
+
+@pytest.mark.skipif(not (HAS_TRITON and torch.cuda.is_available()), reason="needs a CUDA device")
+@pytest.mark.parametrize("check", CUDA_CHECKS)
+def test_triton_matches_reference_on_cuda(check):
+    from fastssl.kernels.relational_triton import relational_loss_triton
+
+    def on_cuda(q, k, queue, *args, **kwargs):  # CPU tensors in and out: the gradient reaches the CPU q
+        return relational_loss_triton(q.cuda(), k.cuda(), queue.cuda(), *args, **kwargs).cpu()
+    CUDA_CHECKS[check](on_cuda)
+
+
 if __name__ == "__main__":
     _run_triton_cases()
