@@ -199,7 +199,8 @@ def train(cfg: TrainConfig) -> dict:
               f"{' compiled' if cfg.compile else ''} | {world} process(es)"
               f"{f' | views changed: {cfg.views}' if cfg.views else ''}")
         print(f"lr {lr:.4g} = {cfg.lr} x batch {cfg.batch_size} / 256 | {cfg.epochs} epochs x {steps_per_epoch} "
-              f"steps | warm-up {warmup_steps / steps_per_epoch:.3g} epochs{capped}, then cosine"
+              f"steps | warm-up {warmup_steps / steps_per_epoch:.3g} epochs{capped}, then "
+              f"{'constant' if cfg.final_lr_ratio == 1 else f'cosine to {cfg.final_lr_ratio:g} x lr'}"
               f"{f' | resuming at step {step}' if step else ''}")
     logger = Logger(out, main, step)
     monitor = KnnMonitor(cfg, size, device, precision) if main else None
