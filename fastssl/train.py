@@ -237,7 +237,7 @@ def train(cfg: TrainConfig) -> dict:
                 mean_loss = loss_sum.item() / window_steps
                 rate = window_steps * cfg.batch_size / (time.perf_counter() - window_start)
                 bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{rate:.0f}", lr=f"{sched.get_last_lr()[0]:.3g}",
-                               refresh=False)  # shown at the bar's next refresh: a refresh here would print a stale count
+                               refresh=False)  # shown at the next refresh: one here would print a stale count
                 logger.log(step, loss=mean_loss, lr=sched.get_last_lr()[0], images_per_s=rate,
                            **{k: float(v) for k, v in stats.items()})
                 window_start, loss_sum, window_steps = time.perf_counter(), torch.zeros_like(loss_sum), 0

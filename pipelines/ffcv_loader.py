@@ -29,7 +29,6 @@ from fastssl.views import ViewSpec
 from .common import epoch_indices, optional, sample_seed, torch_threads_kept
 from .device_augment import photometric, sample_params, standardize, to_unit
 
-
 optional("ffcv", "ffcv")  # a one-line error naming the extra when FFCV is missing; torch's threads kept
 from ffcv.fields.basics import IntDecoder  # noqa: E402
 from ffcv.fields.decoders import CenterCropRGBImageDecoder  # noqa: E402

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -107,3 +109,11 @@ def check_short_run_learns(data_path: str, pipeline: str, out: Path) -> None:
     summary = train(cfg)
     (_, random_init), (_, trained) = summary["knn_history"]  # random init: with its BN statistics of the data
     assert trained > random_init + 4, summary["knn_history"]
+
+
+def torch_threads_after(code: str) -> int:
+    """torch's intra-op threads after `code` runs in a fresh process that set them to 3 (this one may have imported
+    FFCV, which changes them, long ago)."""
+    script = f"import torch; torch.set_num_threads(3); {code}; print(torch.get_num_threads())"
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    return int(out.split()[-1])

@@ -6,13 +6,13 @@ from __future__ import annotations
 import gzip
 import json
 import pickle
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from pipeline_checks import torch_threads_after
 
 from fastssl import cli, data
 from fastssl.errors import UserError
@@ -123,12 +123,10 @@ def test_named_sets_keep_their_kind_classes_and_side(tmp_path, kind, write, side
 
 
 def test_converting_keeps_torchs_threads(tmp_path):
-    # importing FFCV sets torch's threads to 1 (for every test after this one, too); a fresh process shows it
+    # importing FFCV sets torch's threads to 1 (for every test after this one, too)
     write_fashion_mnist(tmp_path)
-    code = ("import torch; torch.set_num_threads(3); from fastssl.pipelines.convert import convert; "
-            f"convert({str(tmp_path)!r}, {str(tmp_path / 'fm.beton')!r}, workers=1); print(torch.get_num_threads())")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.split()[-1] == "3"
+    assert torch_threads_after(f"from fastssl.pipelines.convert import convert; "
+                               f"convert({str(tmp_path)!r}, {str(tmp_path / 'fm.beton')!r}, workers=1)") == 3
 
 
 @pytest.mark.parametrize("kwargs, message", [

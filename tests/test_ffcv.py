@@ -7,13 +7,10 @@ compiles its pipeline with numba (seconds), so the tests share loaders where the
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
 from pipeline_checks import (COLOURS, CPU, PROBE_VIEWS, check_colour_views, check_probe_rates,
-                             check_short_run_learns, probe_set, unique_set)
+                             check_short_run_learns, probe_set, torch_threads_after, unique_set)
 
 from fastssl import data
 from fastssl.data import BetonSet
@@ -123,9 +120,5 @@ def test_a_short_run_learns(fashion_folder, tmp_path):
 
 
 def test_importing_the_ffcv_pipeline_keeps_torchs_threads():
-    # FFCV sets torch's threads to 1 on import: a CPU run would train on one core. A fresh process, as this one
-    # imported FFCV long ago.
-    code = ("import torch; torch.set_num_threads(3); import fastssl.pipelines.ffcv_loader; "
-            "print(torch.get_num_threads())")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.split() == ["3"]
+    # FFCV sets torch's threads to 1 on import: a CPU run would train on one core
+    assert torch_threads_after("import fastssl.pipelines.ffcv_loader") == 3
