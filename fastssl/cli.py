@@ -74,7 +74,7 @@ def _load_encoder(checkpoint_path: Path, device_name: str):
     cfg, method = build_method(from_dict({**state["config"], "bn_splits": 1}))  # BN groups only matter in training
     method.load_state_dict(state["method"])
     device = pick_device(device_name)
-    return cfg, method.encoder().to(device), device
+    return cfg, method.evaluated_encoder().to(device), device
 
 
 def _eval_features(checkpoint_path: Path, data: Optional[str], device: str, workers: int, precision: str):

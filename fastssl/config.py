@@ -33,6 +33,7 @@ class TrainConfig:
     tau_s: float | None = None
     tau_t: float | None = None
     momentum: float | None = None
+    encoder_ema: float = 0.0
     proj_hidden: int | None = None
     proj_dim: int | None = None
     proj_bn: bool = False
@@ -78,6 +79,8 @@ HELP = {
     "tau_s": "student temperature (mocov2: the InfoNCE one; resa: the softmax over the batch)",
     "tau_t": "teacher temperature (must be below tau_s)",
     "momentum": "teacher EMA momentum (the start of the cosine schedule where the method uses one)",
+    "encoder_ema": "evaluate and export a running average of the encoder's weights and BN statistics, updated "
+                   "every step with this decay (e.g. 0.998); 0: the encoder itself",
     "proj_hidden": "projection head hidden width (isd: 2x the backbone width when unset)",
     "proj_dim": "projection (embedding) dimension (isd: 1/4 of the backbone width when unset)",
     "proj_bn": "ressl: BatchNorm after the projection head's hidden layer, as in BYOL's projector (the ReSSL "
@@ -164,6 +167,8 @@ def resolve(cfg: TrainConfig, method_defaults: dict) -> TrainConfig:
             raise UserError(f"{name}={value} must be positive")
     if cfg.momentum is not None and not 0 <= cfg.momentum <= 1:
         raise UserError(f"momentum={cfg.momentum} must be in [0, 1]")
+    if not 0 <= cfg.encoder_ema < 1:
+        raise UserError(f"encoder_ema={cfg.encoder_ema} must be in [0, 1) (0 turns the average off)")
     for name, choices in (("device", ("auto", "cpu", "cuda")), ("precision", ("auto", "fp32", "bf16"))):
         if getattr(cfg, name) not in choices:
             raise UserError(f"unknown {name} {getattr(cfg, name)!r}; choose {' | '.join(choices)}")

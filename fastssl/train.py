@@ -85,13 +85,15 @@ def build_method(cfg: TrainConfig, world: int = 1) -> tuple[TrainConfig, methods
 
 def train_step(method, views: dict, opt: torch.optim.Optimizer, amp, progress: float):
     """One optimisation step: the method's loss under autocast, backward, optimiser step, then the method's
-    post-step updates (queue). Returns the loss (not synchronised) and the method's extra statistics."""
+    post-step updates (queue) and the encoder's running average. Returns the loss (not synchronised) and the
+    method's extra statistics."""
     with amp:
         loss, stats = method.step(views, progress)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
     method.after_step()
+    method.update_encoder_average()
     return loss.detach(), stats
 
 
@@ -170,7 +172,8 @@ def train(cfg: TrainConfig) -> dict:
         method.distributed_student = DistributedDataParallel(method.trainable())
     if cfg.compile:
         for module in method.children():
-            module.compile()
+            if module is not method.encoder_average:  # that one only runs in the kNN monitor
+                module.compile()
     views = apply_overrides(method.views(cfg, size, *train_set.mean_std), cfg.views)
     loader = pipelines.build(cfg.pipeline, train_set, views, batch_size=cfg.batch_size // world, device=device,
                              workers=cfg.workers, seed=cfg.seed, rank=rank, world=world,
@@ -197,7 +200,8 @@ def train(cfg: TrainConfig) -> dict:
         print(f"fastssl: {cfg.method} | {cfg.arch} @ {size}px | {len(train_set)} images from {train_set.root} | "
               f"pipeline {cfg.pipeline} | {device} {precision}{' channels_last' if cfg.channels_last else ''}"
               f"{' compiled' if cfg.compile else ''} | {world} process(es)"
-              f"{f' | views changed: {cfg.views}' if cfg.views else ''}")
+              f"{f' | views changed: {cfg.views}' if cfg.views else ''}"
+              f"{f' | evaluating the encoder average (decay {cfg.encoder_ema:g})' if cfg.encoder_ema else ''}")
         print(f"lr {lr:.4g} = {cfg.lr} x batch {cfg.batch_size} / 256 | {cfg.epochs} epochs x {steps_per_epoch} "
               f"steps | warm-up {warmup_steps / steps_per_epoch:.3g} epochs{capped}, then "
               f"{'constant' if cfg.final_lr_ratio == 1 else f'cosine to {cfg.final_lr_ratio:g} x lr'}"
@@ -213,7 +217,7 @@ def train(cfg: TrainConfig) -> dict:
 
     def monitor_knn(epoch_: int) -> None:
         if main:
-            history.append((epoch_, monitor(method.encoder(), data_bn_stats=step == 0)))
+            history.append((epoch_, monitor(method.evaluated_encoder(), data_bn_stats=step == 0)))
             logger.log(step, knn_top1=history[-1][1])
             tqdm.write(f"epoch {epoch_}: kNN top-1 {history[-1][1]:.2f}%")
 
@@ -263,7 +267,7 @@ def train(cfg: TrainConfig) -> dict:
         if not history or history[-1][0] != epoch:
             monitor_knn(epoch)
         summary["knn_top1"] = history[-1][1]
-        checkpoint.atomic_save(checkpoint.backbone_state_dict(method.encoder()), out / "backbone.pt")
+        checkpoint.atomic_save(checkpoint.backbone_state_dict(method.evaluated_encoder()), out / "backbone.pt")
         _plot_knn(history, out / "knn.png", f"{cfg.method} {cfg.arch} on {cfg.data}")
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         print(f"kNN top-1 (k={cfg.knn_k}, T={cfg.knn_t}) after {epoch} epochs ({step} steps): "

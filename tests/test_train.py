@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import dataclasses
 import sys
 
 import pytest
@@ -11,7 +13,7 @@ import torch
 from fastssl import checkpoint, cli
 from fastssl.config import TrainConfig, load_file, merge
 from fastssl.errors import UserError
-from fastssl.train import train
+from fastssl.train import build_method, train, train_step
 
 # A small, fast setting: 8-wide ResNet-18 on a Fashion-MNIST slice through the in-memory pipeline.
 SMALL = dict(method="ressl", arch="resnet18-w8", data="fashion-mnist", pipeline="tensor", batch_size=64,
@@ -23,8 +25,10 @@ def losses(run_dir) -> list[float]:
         return [float(row["value"]) for row in csv.DictReader(f) if row["key"] == "loss"]
 
 
-def test_resumed_run_gives_the_same_losses_as_an_uninterrupted_one(tmp_path):
-    cfg = TrainConfig(**SMALL, train_subset=512, epochs=2, knn_every=0, out=str(tmp_path / "whole"))
+@pytest.mark.parametrize("encoder_ema", [0.0, 0.9])
+def test_resumed_run_gives_the_same_losses_as_an_uninterrupted_one(tmp_path, encoder_ema):
+    cfg = TrainConfig(**SMALL, train_subset=512, epochs=2, knn_every=0, encoder_ema=encoder_ema,
+                      out=str(tmp_path / "whole"))
     whole = train(cfg)
     assert whole["steps"] == 16
     part = dict(vars(cfg), out=str(tmp_path / "part"))
@@ -37,6 +41,29 @@ def test_resumed_run_gives_the_same_losses_as_an_uninterrupted_one(tmp_path):
     a, b = (torch.load(tmp_path / d / "backbone.pt") for d in ("whole", "part"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert resumed["knn_top1"] == whole["knn_top1"]
+
+
+def test_encoder_average_is_the_ema_of_the_encoder_and_is_what_is_evaluated():
+    cfg = TrainConfig(**{**SMALL, "batch_size": 16, "queue_size": 64}, image_size=16, encoder_ema=0.75)
+    _, plain = build_method(dataclasses.replace(cfg, encoder_ema=0.0))
+    assert plain.evaluated_encoder() is plain.encoder()
+    cfg, method = build_method(cfg)
+    opt = torch.optim.SGD(method.trainable().parameters(), lr=0.5)
+
+    def state(encoder):  # weights and float buffers (BN statistics)
+        return [t.detach().clone() for t in [*encoder.parameters(), *encoder.buffers()] if t.is_floating_point()]
+
+    expected = None
+    for _ in range(3):
+        views = {name: torch.randn(16, 3, 16, 16) for name in ("weak", "strong")}
+        train_step(method, views, opt, contextlib.nullcontext(), 0.0)
+        now = state(method.encoder())
+        expected = now if expected is None else [0.75 * e + 0.25 * w for e, w in zip(expected, now)]
+    averaged = state(method.evaluated_encoder())
+    assert method.evaluated_encoder() is not method.encoder()
+    assert not all(torch.equal(a, w) for a, w in zip(averaged, now))
+    for a, e in zip(averaged, expected):
+        torch.testing.assert_close(a, e)
 
 
 def test_checkpoints_are_replaced_atomically(tmp_path, monkeypatch):
@@ -93,6 +120,7 @@ def run_cli(monkeypatch, *args: str) -> None:
     (["--data", "{empty}"], "has no train/ folder"),
     (["--data", "{empty_classes}"], "no images found under"),
     (["--tau-t", "0.2"], "tau_t=0.2 must be smaller than tau_s=0.1"),
+    (["--encoder-ema", "1"], "encoder_ema=1.0 must be in [0, 1)"),
     (["--method", "simclr"], "unknown method 'simclr'"),
     (["--arch", "vit"], "unknown arch 'vit'"),
     (["--pipeline", "magic"], "unknown pipeline 'magic'"),

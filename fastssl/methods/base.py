@@ -12,6 +12,7 @@ from typing import ClassVar
 
 import torch
 import torch.nn as nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ..config import TrainConfig
 from ..errors import UserError
@@ -43,6 +44,10 @@ class Method(nn.Module):
             raise UserError(f"proj_bn: {self.name}'s head is its paper's (only ressl takes --proj-bn); leave it off")
         self.cfg = cfg
         self.distributed_student: nn.Module | None = None  # a DDP wrapper of `student`, kept outside the state
+        # The encoder's running average (weights and BN statistics), in the state_dict so that resume is exact.
+        # Built from `backbone`, which every encoder() starts as; its first update copies encoder() anyway.
+        self.encoder_average = (AveragedModel(backbone, multi_avg_fn=get_ema_multi_avg_fn(cfg.encoder_ema),
+                                              use_buffers=True) if cfg.encoder_ema else None)
 
     def step(self, views: dict[str, torch.Tensor], progress: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Forward pass and loss for one batch; `progress` in [0, 1) drives schedules (EMA momentum)."""
@@ -52,8 +57,16 @@ class Method(nn.Module):
         """State updates that must follow the optimiser step (e.g. enqueue the teacher's keys)."""
 
     def encoder(self) -> nn.Module:
-        """The backbone to evaluate and export."""
+        """The method's trained backbone (the student's; ReSA: the momentum encoder)."""
         return self.student[0]
+
+    def update_encoder_average(self) -> None:
+        if self.encoder_average is not None:
+            self.encoder_average.update_parameters(self.encoder())
+
+    def evaluated_encoder(self) -> nn.Module:
+        """The backbone the kNN monitor evaluates and the run exports: encoder(), or its running average."""
+        return self.encoder() if self.encoder_average is None else self.encoder_average.module
 
     def student_forward(self, x: torch.Tensor) -> torch.Tensor:
         return (self.distributed_student or self.student)(x)
