@@ -80,7 +80,7 @@ HELP = {
     "tau_t": "teacher temperature (must be below tau_s)",
     "momentum": "teacher EMA momentum (the start of the cosine schedule where the method uses one)",
     "encoder_ema": "evaluate and export a running average of the encoder's weights and BN statistics, updated "
-                   "every step with this decay (e.g. 0.998); 0: the encoder itself",
+                   "every step with this decay (e.g. 0.997); 0: the encoder itself",
     "proj_hidden": "projection head hidden width (isd: 2x the backbone width when unset)",
     "proj_dim": "projection (embedding) dimension (isd: 1/4 of the backbone width when unset)",
     "proj_bn": "ressl: BatchNorm after the projection head's hidden layer, as in BYOL's projector (the ReSSL "
