@@ -1,4 +1,4 @@
-"""Atomic checkpoints (write, fsync, rename), exact resume, and the plain backbone export."""
+"""Atomic checkpoints (write, fsync, rename), the last two kept, exact resume, and the plain backbone export."""
 
 from __future__ import annotations
 
@@ -26,11 +26,31 @@ def atomic_save(obj, path: str | Path) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make renames in `folder` durable."""
+    dir_fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+LATEST, PREVIOUS = "checkpoint.pt", "checkpoint-prev.pt"
+
+
+def save_run(state: dict, out: Path) -> None:
+    """The run's checkpoint, written in full before the one it replaces becomes checkpoint-prev.pt: a write torn
+    by a full disk or a dying node leaves both earlier checkpoints as they were."""
+    out = Path(out)
+    tmp = out / f".{LATEST}.next"
+    atomic_save(state, tmp)
+    if (out / LATEST).exists():
+        os.replace(out / LATEST, out / PREVIOUS)
+    os.replace(tmp, out / LATEST)
+    _fsync_dir(out)
 
 
 def load(path: str | Path) -> dict:
@@ -41,6 +61,35 @@ def load(path: str | Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # a truncated or foreign file: say which and why, once
         raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+
+
+def load_run(out: Path) -> tuple[dict, Path]:
+    """The newest readable training checkpoint in a run folder (checkpoint.pt, else checkpoint-prev.pt) and its
+    path; UserError when there is none."""
+    out = Path(out)
+    candidates = [out / LATEST, out / PREVIOUS]
+    problems = []
+    for path in candidates:
+        if not path.exists():
+            continue
+        try:
+            state = load(path)
+        except UserError as e:
+            problems.append(str(e))
+            continue
+        if not isinstance(state, dict) or not {"config", "method", "step"} <= state.keys():
+            problems.append(f"{path} is not a fastssl training checkpoint")
+            continue
+        if problems:
+            print(f"warning: {problems[-1]}; resuming from {path}", flush=True)
+        return state, path
+    if problems:
+        raise UserError(problems[0] + (f"; and {problems[1]}" if len(problems) > 1 else ""))
+    raise UserError(f"checkpoint {out / LATEST} does not exist; nothing to resume in {out}")
+
+
+def has_run(out: Path) -> bool:
+    return any((Path(out) / name).exists() for name in (LATEST, PREVIOUS))
 
 
 def rng_state() -> dict:

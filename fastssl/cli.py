@@ -1,5 +1,5 @@
 """`fastssl` command line: a thin typer app. Flags and --config merge into one TrainConfig; a UserError
-becomes one line on stderr and exit status 2."""
+becomes one line on stderr and exit status 2; a run stopped by a signal (with its checkpoint) exits with 75."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from typing import Optional
 
 import typer
 
-from .config import HELP, TrainConfig, load_file, merge
-from .errors import UserError
+from .config import KNN_K, KNN_T, TrainConfig, load_file, merge
+from .errors import EXIT_STOPPED, Stopped, UserError
 
 app = typer.Typer(help="fastssl: high-throughput relational self-supervised learning (ReSSL, ISD, ReSA, ...).",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -31,15 +31,16 @@ def _recipe_default(name: str) -> str:
         small, large = cls.defaults(True).get(name), cls.defaults(False).get(name)
         if small is not None:
             parts.append(f"{m} {small:g}" + (f"/{large:g}" if large != small else ""))
-    return f"(default from the recipe, small images/ImageNet: {', '.join(parts)})" if parts else "(unused)"
+    return f" (default from the recipe, small images/ImageNet: {', '.join(parts)})" if parts else ""
 
 
 def _train(ctx: typer.Context, config: Optional[Path], **options):
     # by name: typer vendors its own click, whose ParameterSource is not click's
     given = {k: v for k, v in options.items() if ctx.get_parameter_source(k).name == "COMMANDLINE"}
-    cfg = merge(load_file(str(config)) if config else {}, given)
+    file_values = load_file(str(config)) if config else {}
+    cfg = merge(file_values, given)
     from .train import train
-    train(cfg)
+    train(cfg, given={**file_values, **given})
 
 
 def _train_signature() -> inspect.Signature:
@@ -51,7 +52,7 @@ def _train_signature() -> inspect.Signature:
     for f in fields(TrainConfig):
         type_name = str(f.type).split(" ")[0]
         optional = "None" in str(f.type)
-        help_text = HELP[f.name] + (" " + _recipe_default(f.name) if optional and f.name not in ("image_size",) else "")
+        help_text = f.metadata["help"] + _recipe_default(f.name)
         params.append(inspect.Parameter(
             f.name, inspect.Parameter.KEYWORD_ONLY,
             annotation=Optional[_TYPES[type_name]] if optional else _TYPES[type_name],
@@ -66,50 +67,64 @@ app.command("train", help="Pretrain an encoder. Example: fastssl train --data fa
 def _load_encoder(checkpoint_path: Path, device_name: str):
     from . import checkpoint
     from .config import from_dict
-    from .train import build_method, pick_device
+    from .device import pick_device
+    from .train import build_method
     state = checkpoint.load(checkpoint_path)
-    if "config" not in state:
+    if not isinstance(state, dict) or "config" not in state:
         raise UserError(f"{checkpoint_path} is not a fastssl training checkpoint (no config); pass the run's "
                         f"checkpoint.pt")
-    cfg, method = build_method(from_dict({**state["config"], "bn_splits": 1}))  # BN groups only matter in training
+    cfg, method = build_method(from_dict(state["config"]))  # BN groups only matter in training
     method.load_state_dict(state["method"])
     device = pick_device(device_name)
     return cfg, method.evaluated_encoder().to(device), device
 
 
-def _eval_features(checkpoint_path: Path, data: Optional[str], device: str, workers: int, precision: str):
-    from .data import load
+def _eval_features(checkpoint_path: Path, data: Optional[str], data_val: str, device: str, workers: int,
+                   precision: str):
+    """Features and labels of the bank (train split) and the queries (evaluation split) of labelled data."""
+    from . import data as datasets
+    from . import pipelines
+    from .device import pick_precision
     from .evaluate import extract_features
-    from .train import pick_precision
     cfg, encoder, dev = _load_encoder(checkpoint_path, device)
     data = data or cfg.data
-    train_set, test_set = load(data, "train"), load(data, "test")
-    kw = dict(size=cfg.image_size, device=dev, workers=workers, precision=pick_precision(precision, dev))
-    return (extract_features(encoder, train_set, **kw), train_set.labels,
-            extract_features(encoder, test_set, **kw), test_set.labels, data)
+    bank = datasets.load(data, "train")
+    queries, why = datasets.eval_split(data, data_val)
+    if not bank.labelled or queries is None or not queries.labelled:
+        raise UserError(f"fastssl eval needs labelled data: a train split (the bank or training set) and a val or "
+                        f"test split (the queries); {data} has {'no labels' if not bank.labelled else why}; pass "
+                        f"--data (and --data-val) naming labelled splits")
+
+    def features(images):
+        batches = pipelines.eval_reader(cfg.pipeline, images, cfg.image_size, batch_size=512, workers=workers)
+        return extract_features(encoder, batches, images.mean_std, dev, precision=pick_precision(precision, dev),
+                                channels_last=cfg.channels_last)
+
+    return features(bank), bank.labels, features(queries), queries.labels, data
 
 
 _CKPT = typer.Option(..., "--checkpoint", help="a run's checkpoint.pt")
 _DATA = typer.Option(None, help="labelled data (default: the run's --data); train split = bank/training set, "
                                 "val or test split = queries")
+_DATA_VAL = typer.Option("", help="the query split, when not beside --data")
 
 
 @eval_app.command("knn", help="Weighted kNN top-1 (InstDisc: cosine, votes exp(sim/T)) of the frozen encoder.")
-def eval_knn(checkpoint: Path = _CKPT, data: Optional[str] = _DATA, k: int = typer.Option(200, help="neighbours"),
-             t: float = typer.Option(0.1, help="temperature"), device: str = "auto", workers: int = 2,
-             precision: str = "auto"):
+def eval_knn(checkpoint: Path = _CKPT, data: Optional[str] = _DATA, data_val: str = _DATA_VAL,
+             k: int = typer.Option(KNN_K, help="neighbours"), t: float = typer.Option(KNN_T, help="temperature"),
+             device: str = "auto", workers: int = 2, precision: str = "auto"):
     from .evaluate import knn_accuracy
-    train_f, train_y, test_f, test_y, data = _eval_features(checkpoint, data, device, workers, precision)
+    train_f, train_y, test_f, test_y, data = _eval_features(checkpoint, data, data_val, device, workers, precision)
     print(f"kNN top-1 (k={k}, T={t}) on {data}: {knn_accuracy(train_f, train_y, test_f, test_y, k, t):.2f}%")
 
 
 @eval_app.command("linear", help="Linear probe on frozen, L2-normalised and standardised features.")
-def eval_linear(checkpoint: Path = _CKPT, data: Optional[str] = _DATA,
+def eval_linear(checkpoint: Path = _CKPT, data: Optional[str] = _DATA, data_val: str = _DATA_VAL,
                 epochs: int = typer.Option(100, help="probe epochs over the cached features"),
                 lr: float = typer.Option(0.1, help="probe SGD learning rate"), device: str = "auto",
                 workers: int = 2, precision: str = "auto"):
     from .evaluate import linear_probe
-    train_f, train_y, test_f, test_y, data = _eval_features(checkpoint, data, device, workers, precision)
+    train_f, train_y, test_f, test_y, data = _eval_features(checkpoint, data, data_val, device, workers, precision)
     print(f"linear probe top-1 on {data}: {linear_probe(train_f, train_y, test_f, test_y, epochs=epochs, lr=lr):.2f}%")
 
 
@@ -142,7 +157,10 @@ def main() -> None:
         # the last line: a UserError raised in a DataLoader worker arrives wrapped in the worker's traceback
         print(f"error: {str(e).strip().splitlines()[-1].removeprefix('fastssl.errors.UserError: ')}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except Stopped as e:
+        print(str(e), file=sys.stderr)
+        sys.exit(EXIT_STOPPED)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside the training loop
         print("interrupted; the last checkpoint is intact (continue with --resume)", file=sys.stderr)
         sys.exit(130)
 

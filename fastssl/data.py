@@ -54,6 +54,11 @@ class ImageSet:
         return self.images is not None
 
     @property
+    def labelled(self) -> bool:
+        """Every sample has a class (unlabelled sets carry -1)."""
+        return len(self.labels) > 0 and bool((self.labels >= 0).all())
+
+    @property
     def native_size(self) -> int | None:
         """Side of the stored images for in-memory sets; None for files (sizes vary)."""
         return self.images.shape[1] if self.images is not None else None
@@ -267,3 +272,16 @@ def _load_beton(beton: Path, split: str) -> BetonSet:
     classes = info.get("classes") or [str(c) for c in range(int(labels.max()) + 1 if len(labels) else 0)]
     return BetonSet(info.get("kind", "imagefolder"), str(path), split, classes, labels,
                     rows=torch.arange(len(labels)), side=info.get("side"))
+
+
+def eval_split(data: str, data_val: str = "") -> tuple[ImageSet | None, str]:
+    """The labelled split that the kNN monitor and `fastssl eval` query: --data-val, else the test split beside
+    --data. (None, why) when there is none."""
+    if data_val.lower() == "none":
+        return None, "--data-val none"
+    if data_val:
+        return load(data_val, "test"), ""
+    try:
+        return load(data, "test"), ""
+    except UserError as e:
+        return None, str(e)

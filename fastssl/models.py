@@ -1,7 +1,9 @@
-"""Backbones (torchvision ResNets), MLP heads, split BatchNorm and the EMA teacher update."""
+"""Backbones (torchvision ResNets), MLP heads, split BatchNorm, the EMA teacher update and the encoder's average."""
 
 from __future__ import annotations
 
+import copy
+import itertools
 import re
 
 import torch
@@ -11,11 +13,12 @@ from torchvision.models import resnet
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from .errors import UserError
-from .views import SMALL_IMAGE_MAX
+from .views import is_small
 
 ARCHS = {"resnet18": (BasicBlock, [2, 2, 2, 2]), "resnet34": (BasicBlock, [3, 4, 6, 3]),
          "resnet50": (Bottleneck, [3, 4, 6, 3])}
-ARCH_HELP = "resnet18 | resnet34 | resnet50, optionally narrowed: resnet18-w16 (base width 16 instead of 64)"
+ARCH_HELP = ("resnet18 | resnet34 | resnet50 (or r18 | r34 | r50), optionally narrowed: resnet18-w16 (base width 16 "
+             "instead of 64)")
 
 
 class _NarrowResNet(resnet.ResNet):
@@ -37,13 +40,14 @@ def build_backbone(arch: str, image_size: int) -> nn.Module:
     Inputs of at most 64 px get the small-image stem (3x3 stride-1 conv1, no max-pool), as in the CIFAR
     recipes of every paper here.
     """
-    m = re.fullmatch(r"(resnet\d+)(?:-w(\d+))?", arch)
-    if not m or m.group(1) not in ARCHS or (m.group(2) and not 4 <= int(m.group(2)) <= 256):
+    m = re.fullmatch(r"(?:resnet|r)(\d+)(?:-w(\d+))?", arch)
+    name = m and f"resnet{m.group(1)}"
+    if not m or name not in ARCHS or (m.group(2) and not 4 <= int(m.group(2)) <= 256):
         raise UserError(f"unknown arch {arch!r}; choose {ARCH_HELP}")
-    block, layers = ARCHS[m.group(1)]
+    block, layers = ARCHS[name]
     width = int(m.group(2) or 64)
     net = _NarrowResNet(block, layers, width) if width != 64 else resnet.ResNet(block, layers)
-    if image_size <= SMALL_IMAGE_MAX:
+    if is_small(image_size):
         net.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
         net.maxpool = nn.Identity()
     elif width != 64:
@@ -69,13 +73,13 @@ def mlp(dims: list[int], hidden_bn: bool = False, last_bn: bool = False) -> nn.S
     return nn.Sequential(*layers)
 
 
-class SplitBatchNorm2d(nn.BatchNorm2d):
+class _SplitBatchNorm:
     """BatchNorm whose training statistics come from `splits` groups of the batch.
 
     One process sees the whole batch; the papers' single-GPU recipes split BN statistics into groups to
     mimic per-GPU BN (MoCo's shuffle-BN), which stops the batch statistics leaking across samples.
     Groups are consecutive slices of the batch (as the GPUs' shares would be); the batch must be a multiple
-    of `splits`. In eval it is a plain BatchNorm2d.
+    of `splits`. The running statistics are the mean of the groups' updates. In eval it is a plain BatchNorm.
     """
 
     def __init__(self, num_features: int, splits: int, **kw):
@@ -100,14 +104,24 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
         return out
 
 
+class SplitBatchNorm1d(_SplitBatchNorm, nn.BatchNorm1d):
+    """Split BatchNorm of the heads' [B, C] features."""
+
+
+class SplitBatchNorm2d(_SplitBatchNorm, nn.BatchNorm2d):
+    """Split BatchNorm of the backbone's [B, C, H, W] maps."""
+
+
 def split_batchnorm(module: nn.Module, splits: int) -> nn.Module:
-    """Replace every BatchNorm2d in `module` by a SplitBatchNorm2d with the same state."""
+    """Replace every BatchNorm1d/2d in `module` (backbone and heads) by its split version with the same state."""
     if splits <= 1:
         return module
     for name, child in module.named_children():
-        if type(child) is nn.BatchNorm2d:
-            new = SplitBatchNorm2d(child.num_features, splits, eps=child.eps, momentum=child.momentum)
+        kind = {nn.BatchNorm1d: SplitBatchNorm1d, nn.BatchNorm2d: SplitBatchNorm2d}.get(type(child))
+        if kind is not None:
+            new = kind(child.num_features, splits, eps=child.eps, momentum=child.momentum, affine=child.affine)
             new.load_state_dict(child.state_dict())
+            new.requires_grad_(any(p.requires_grad for p in child.parameters()))
             setattr(module, name, new)
         else:
             split_batchnorm(child, splits)
@@ -120,3 +134,37 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
     t = [p for p in teacher.parameters()]
     s = [p.detach() for p in student.parameters()]
     torch._foreach_lerp_(t, s, 1.0 - momentum)
+
+
+class EncoderAverage(nn.Module):
+    """A running average of an encoder's weights and float buffers (BN statistics): `update` after every optimiser
+    step, copying the encoder on its first call and moving `1 - decay` of the way towards it after that.
+
+    One foreach lerp over the tensors and a counter kept on the host (nothing read back from the device). The copy
+    lives in `module`; the counter travels in the state_dict as extra state, so a resumed run continues exactly.
+    """
+
+    def __init__(self, encoder: nn.Module, decay: float):
+        super().__init__()
+        self.module = copy.deepcopy(encoder).requires_grad_(False)
+        self.decay, self.updates = decay, 0
+
+    @torch.no_grad()
+    def update(self, encoder: nn.Module) -> None:
+        mine = list(itertools.chain(self.module.parameters(), self.module.buffers()))
+        theirs = [t.detach() for t in itertools.chain(encoder.parameters(), encoder.buffers())]
+        if self.updates == 0:
+            torch._foreach_copy_(mine, theirs)
+        else:
+            floats = [(a, b) for a, b in zip(mine, theirs) if a.is_floating_point()]
+            torch._foreach_lerp_([a for a, _ in floats], [b for _, b in floats], 1.0 - self.decay)
+            for a, b in zip(mine, theirs):
+                if not a.is_floating_point():
+                    a.copy_(b)
+        self.updates += 1
+
+    def get_extra_state(self) -> dict:
+        return {"updates": self.updates}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.updates = state["updates"]

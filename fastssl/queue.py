@@ -13,7 +13,9 @@ class EmbeddingQueue(nn.Module):
     """Ring buffer [size, dim] of unit-norm rows. `enqueue` overwrites the oldest rows, wrapping around.
 
     Contents and pointer are buffers, so they travel with `state_dict` (checkpoints resume exactly).
-    Under DDP every rank enqueues the all-gathered batch, so all ranks hold the same queue.
+    Under DDP every rank enqueues the all-gathered batch (in rank order: the global batch), so all ranks hold
+    the same queue. A method `stage`s its keys during the step and the loop `commit`s them after the optimiser
+    step: the loss only ever sees earlier batches' keys, so a sample is never its own anchor or negative.
     """
 
     def __init__(self, size: int, dim: int, seed: int = 0):
@@ -21,6 +23,16 @@ class EmbeddingQueue(nn.Module):
         g = torch.Generator().manual_seed(seed)
         self.register_buffer("rows", F.normalize(torch.randn(size, dim, generator=g), dim=1))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+        self.staged: torch.Tensor | None = None
+
+    def stage(self, keys: torch.Tensor) -> None:
+        """Keys to enqueue at the next `commit`."""
+        self.staged = keys.detach()
+
+    def commit(self) -> None:
+        if self.staged is not None:
+            self.enqueue(self.staged)
+            self.staged = None
 
     def __len__(self) -> int:
         return self.rows.shape[0]

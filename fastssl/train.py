@@ -1,4 +1,7 @@
-"""The training loop: one screen, top to bottom. Everything method-specific lives in the method."""
+"""A training run: `setup` builds a Run (settings, device, method, loader, optimiser, schedule, state) and
+`loop` trains it, top to bottom. Everything method-specific lives in the method, everything about data in the
+pipelines; this module holds the order of things and what makes a run survive (checkpoints, signals, faults).
+"""
 
 from __future__ import annotations
 
@@ -7,55 +10,50 @@ import csv
 import dataclasses
 import json
 import math
+import os
+import signal
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from . import checkpoint, data, dist, methods
-from . import pipelines
-from .config import TrainConfig, from_dict, resolve, to_dict
-from .errors import UserError
-from .evaluate import extract_features, knn_accuracy, with_data_bn_stats
-from .models import SMALL_IMAGE_MAX, build_backbone, split_batchnorm
-from .views import apply_overrides
+from . import checkpoint, data, dist, methods, pipelines
+from .config import TrainConfig, explicit, resolve, resume_config, to_dict
+from .device import autocast, pick_device, pick_precision
+from .errors import Stopped, UserError
+from .models import build_backbone, split_batchnorm
+from .monitor import KnnMonitor, auto_interval
+from .pipelines.common import Loader, Shard
+from .views import apply_overrides, is_small
+
+def build_method(cfg: TrainConfig, bn_groups: int = 1) -> tuple[TrainConfig, methods.base.Method]:
+    """Resolve the recipe defaults and build the method (student, teacher, heads, queue) on CPU, with its
+    BatchNorm statistics in `bn_groups` groups of each process's batch (split BN)."""
+    method_cls = methods.get(cfg.method)
+    cfg = resolve(cfg, method_cls.defaults(small=is_small(cfg.image_size)))
+    torch.manual_seed(cfg.seed)
+    method = method_cls(cfg, build_backbone(cfg.arch, cfg.image_size))
+    return cfg, split_batchnorm(method, bn_groups)
 
 
-# Settings a resumed run takes from its command line; every other one comes from the checkpoint.
-RESUME_OVERRIDES = ("epochs", "max_steps", "device", "workers", "resume", "out")
+def bn_groups(cfg: TrainConfig, world: int) -> int:
+    """Split-BN groups per process: bn_splits over the global batch, shared by the processes (1 with SyncBN)."""
+    if cfg.sync_bn:
+        return 1
+    groups = max(1, round(cfg.bn_splits / world))
+    if (cfg.batch_size // world) % groups:
+        where = f" per process ({world} processes share bn_splits={cfg.bn_splits})" if world > 1 else ""
+        raise UserError(f"batch size {cfg.batch_size // world}{where} is not a multiple of bn_splits={groups}; "
+                        f"change either (--bn-splits 1 turns split BatchNorm off)")
+    return groups
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda asked for but no CUDA device is visible; use --device cpu or auto")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":  # torchrun starts one process per GPU and tells each its GPU by LOCAL_RANK
-        index = dist.local_rank()
-        torch.cuda.set_device(index)
-        return torch.device("cuda", index)
-    return torch.device(name)
-
-
-def cpu_has_bf16() -> bool:
-    """Native bf16 matmul/conv on this CPU (AVX512-BF16 or AMX): autocast then helps rather than hurts."""
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
-def pick_precision(name: str, device: torch.device) -> str:
-    if name != "auto":
-        return name
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if cpu_has_bf16() else "fp32"
-
-
-def autocast(precision: str, device: torch.device):
-    """bf16 autocast for convs and matmuls; BN, softmaxes and the loss stay fp32 (autocast's fp32 list + .float())."""
-    return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+def default_workers() -> int:
+    """Loader workers per process: this machine's cores shared by its processes."""
+    return max(1, (os.cpu_count() or 1) // dist.local_world_size())
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int, final_ratio: float):
@@ -68,24 +66,9 @@ def warmup_cosine(warmup_steps: int, total_steps: int, final_ratio: float):
     return factor
 
 
-def build_method(cfg: TrainConfig, world: int = 1) -> tuple[TrainConfig, methods.base.Method]:
-    """Resolve the recipe defaults and build the method (student, teacher, heads, queue) on CPU."""
-    method_cls = methods.get(cfg.method)
-    size = cfg.image_size
-    cfg = resolve(cfg, method_cls.defaults(small=size <= SMALL_IMAGE_MAX))
-    torch.manual_seed(cfg.seed)
-    backbone = build_backbone(cfg.arch, size)
-    if world == 1:  # under DDP every GPU's BN already sees its own slice of the batch
-        if cfg.batch_size % cfg.bn_splits:
-            raise UserError(f"batch size {cfg.batch_size} is not a multiple of bn_splits={cfg.bn_splits}; change "
-                            f"either (--bn-splits 1 turns split BatchNorm off)")
-        split_batchnorm(backbone, cfg.bn_splits)
-    return cfg, method_cls(cfg, backbone)
-
-
 def train_step(method, views: dict, opt: torch.optim.Optimizer, amp, progress: float):
     """One optimisation step: the method's loss under autocast, backward, optimiser step, then the method's
-    post-step updates (queue) and the encoder's running average. Returns the loss (not synchronised) and the
+    post-step updates (queue, the encoder's running average). Returns the loss (not synchronised) and the
     method's extra statistics."""
     with amp:
         loss, stats = method.step(views, progress)
@@ -93,7 +76,6 @@ def train_step(method, views: dict, opt: torch.optim.Optimizer, amp, progress: f
     loss.backward()
     opt.step()
     method.after_step()
-    method.update_encoder_average()
     return loss.detach(), stats
 
 
@@ -128,56 +110,116 @@ class Logger:
             self.tb.close()
 
 
-class KnnMonitor:
-    """Weighted kNN top-1 of the encoder: bank = unaugmented train split, queries = test split."""
+class StopSignals:
+    """SIGTERM and SIGUSR1 (a cluster's preemption notices) and Ctrl-C ask the run to stop after its current step;
+    a second Ctrl-C interrupts at once."""
 
-    def __init__(self, cfg: TrainConfig, size: int, device: torch.device, precision: str):
-        self.bank = data.load(cfg.data, "train").subset(cfg.knn_bank, cfg.seed)
-        self.queries = data.load(cfg.data, "test").subset(cfg.knn_queries, cfg.seed)
-        self.kw = dict(size=size, device=device, workers=cfg.workers, precision=precision,
-                       channels_last=cfg.channels_last)
-        self.k, self.t = cfg.knn_k, cfg.knn_t
+    NAMES = ("SIGTERM", "SIGUSR1", "SIGINT")
 
-    def __call__(self, encoder, data_bn_stats: bool = False) -> float:
-        if data_bn_stats:
-            encoder = with_data_bn_stats(encoder, self.bank, self.kw["size"], self.kw["device"],
-                                         channels_last=self.kw["channels_last"])
-        bank = extract_features(encoder, self.bank, **self.kw)
-        queries = extract_features(encoder, self.queries, **self.kw)
-        return knn_accuracy(bank, self.bank.labels, queries, self.queries.labels, self.k, self.t)
+    def __init__(self):
+        self.received: str | None = None
+        self.previous = {}
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def __enter__(self):
+        for name in self.NAMES:
+            try:
+                self.previous[name] = signal.signal(getattr(signal, name), self._handle)
+            except ValueError:  # not the main thread: the caller handles signals
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        for name, handler in self.previous.items():
+            signal.signal(getattr(signal, name), handler)
 
 
-def train(cfg: TrainConfig) -> dict:
+@dataclass
+class Run:
+    """Everything a training run is made of, and where it stands (step, epoch, batch within the epoch)."""
+
+    cfg: TrainConfig
+    out: Path
+    device: torch.device
+    precision: str
+    method: methods.base.Method
+    loader: Loader
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    monitor: KnnMonitor | None
+    steps_per_epoch: int
+    total_steps: int
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0
+    history: list = field(default_factory=list)  # (epoch, kNN top-1 %); epochs are fractional mid-epoch
+    monitored_at: int = -1  # the step of the last kNN pass
+    bad_files: list = field(default_factory=list)  # replaced with --skip-bad-images
+    saved: Path | None = None  # the newest checkpoint, known good
+
+    @property
+    def main(self) -> bool:
+        return dist.rank() == 0
+
+    def state(self) -> dict:
+        return {"config": to_dict(self.cfg), "method": self.method.state_dict(), "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict(), "step": self.step, "epoch": self.epoch, "batch": self.batch,
+                "knn_history": self.history, "monitored_at": self.monitored_at, "bad_files": self.bad_files,
+                "rng": checkpoint.rng_state()}
+
+    def load_state(self, state: dict) -> None:
+        self.method.load_state_dict(state["method"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.step, self.epoch, self.batch = state["step"], state["epoch"], state["batch"]
+        self.history, self.monitored_at = state["knn_history"], state["monitored_at"]
+        self.bad_files = state["bad_files"]
+        checkpoint.set_rng_state(state["rng"])
+
+
+def _resume(cfg: TrainConfig, given: dict) -> tuple[TrainConfig, dict | None, Path | None, list[str]]:
+    """The settings to run with, and the checkpoint to continue from (None: a fresh run)."""
     out = Path(cfg.out)
-    ckpt_path = out / "checkpoint.pt"
-    state = None
-    if cfg.resume:
-        state = checkpoint.load(ckpt_path)
-        cfg = from_dict({**state["config"], **{k: getattr(cfg, k) for k in RESUME_OVERRIDES}})
-    elif ckpt_path.exists():
-        raise UserError(f"{out} already holds a run ({ckpt_path}); continue it with --resume, or pass another --out")
+    if cfg.resume or (cfg.auto_resume and checkpoint.has_run(out)):
+        state, path = checkpoint.load_run(out)
+        cfg, changes = resume_config(state["config"], {**given, "out": cfg.out})
+        return cfg, state, path, changes
+    if checkpoint.has_run(out):
+        raise UserError(f"{out} already holds a run ({out / checkpoint.LATEST}); continue it with --resume, or pass "
+                        f"another --out")
+    return cfg, None, None, []
+
+
+def setup(cfg: TrainConfig, given: dict | None = None) -> Run:
+    """Build the run: settings (resumed ones from the checkpoint), process group, data, method, loader,
+    optimiser, schedule, monitor; restore the checkpoint's state; print the banner."""
+    cfg, state, resumed_from, changes = _resume(cfg, explicit(cfg) if given is None else given)
     device = pick_device(cfg.device)
-    dist.init_from_env(device)
+    dist.init_from_env(device, cfg.dist_timeout)
     rank, world = dist.rank(), dist.world_size()
-    main = rank == 0
     if cfg.batch_size % world:
         raise UserError(f"batch size {cfg.batch_size} is not divisible by the {world} processes")
     precision = pick_precision(cfg.precision, device)
 
     train_set = data.load(cfg.data, "train").subset(cfg.train_subset, cfg.seed)
-    size = cfg.image_size or train_set.native_size or 224
-    cfg, method = build_method(dataclasses.replace(cfg, image_size=size), world)
+    size, size_from = ((cfg.image_size, "as set") if cfg.image_size else
+                       (train_set.native_size, "the images' own side") if train_set.native_size else
+                       (224, "the default above 64 px"))
+    cfg, method = build_method(dataclasses.replace(cfg, image_size=size), bn_groups(cfg, world))
     method.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
     if world > 1:
-        method.distributed_student = DistributedDataParallel(method.trainable())
+        method.distribute(device, cfg.sync_bn)
     if cfg.compile:
-        for module in method.children():
-            if module is not method.encoder_average:  # that one only runs in the kNN monitor
-                module.compile()
+        method.compile()
     views = apply_overrides(method.views(cfg, size, *train_set.mean_std), cfg.views)
-    loader = pipelines.build(cfg.pipeline, train_set, views, batch_size=cfg.batch_size // world, device=device,
-                             workers=cfg.workers, seed=cfg.seed, rank=rank, world=world,
-                             channels_last=cfg.channels_last)
+    workers = cfg.workers if cfg.workers is not None else default_workers()
+    loader = pipelines.build(cfg.pipeline, train_set, views, Shard(rank, world, cfg.seed, cfg.batch_size // world),
+                             device, workers=workers, channels_last=cfg.channels_last)
+
     steps_per_epoch = len(loader)
     total_steps = cfg.epochs * steps_per_epoch
     lr = cfg.lr * cfg.batch_size / 256
@@ -186,94 +228,196 @@ def train(cfg: TrainConfig) -> dict:
     recipe_warmup = round(cfg.warmup_epochs * steps_per_epoch)
     warmup_steps = min(recipe_warmup, total_steps // 5)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(warmup_steps, total_steps, cfg.final_lr_ratio))
-    step, epoch, start_batch, history = 0, 0, 0, []
+
+    queries, no_monitor = data.eval_split(cfg.data, cfg.data_val) if train_set.labelled else (None, "no labels")
+    monitor = None
+    if queries is not None:
+        monitor = KnnMonitor(cfg, train_set, queries, size, device, precision, workers)
+        auto = cfg.knn_every is None
+        cfg = dataclasses.replace(cfg, knn_every=auto_interval(len(monitor.bank) + len(monitor.queries),
+                                                               len(train_set)) if auto else cfg.knn_every)
+    run = Run(cfg, Path(cfg.out), device, precision, method, loader, opt, sched, monitor, steps_per_epoch,
+              total_steps)
     if state is not None:
-        method.load_state_dict(state["method"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        step, epoch, start_batch, history = state["step"], state["epoch"], state["batch"], state["knn_history"]
-        checkpoint.set_rng_state(state["rng"])
-    if main:
+        run.load_state(state)
+        run.saved = resumed_from
+    if run.main:
+        run.out.mkdir(parents=True, exist_ok=True)
+        (run.out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
         capped = f" (a fifth of the run; the recipe's {cfg.warmup_epochs:g})" if warmup_steps < recipe_warmup else ""
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-        print(f"fastssl: {cfg.method} | {cfg.arch} @ {size}px | {len(train_set)} images from {train_set.root} | "
-              f"pipeline {cfg.pipeline} | {device} {precision}{' channels_last' if cfg.channels_last else ''}"
-              f"{' compiled' if cfg.compile else ''} | {world} process(es)"
+        groups = "SyncBatchNorm over the global batch" if cfg.sync_bn else (
+            f"BN in {bn_groups(cfg, world) * world} groups of {cfg.batch_size // world // bn_groups(cfg, world)}")
+        print(f"fastssl: {cfg.method} | {cfg.arch} @ {size}px ({size_from}) | "
+              f"{len(train_set)} images from {train_set.root} | pipeline {cfg.pipeline}, {workers} workers | {device} "
+              f"{precision}{' channels_last' if cfg.channels_last else ''}{' compiled' if cfg.compile else ''} | "
+              f"{world} process(es), {groups}"
               f"{f' | views changed: {cfg.views}' if cfg.views else ''}"
               f"{f' | evaluating the encoder average (decay {cfg.encoder_ema:g})' if cfg.encoder_ema else ''}")
         print(f"lr {lr:.4g} = {cfg.lr} x batch {cfg.batch_size} / 256 | {cfg.epochs} epochs x {steps_per_epoch} "
               f"steps | warm-up {warmup_steps / steps_per_epoch:.3g} epochs{capped}, then "
               f"{'constant' if cfg.final_lr_ratio == 1 else f'cosine to {cfg.final_lr_ratio:g} x lr'}"
-              f"{f' | resuming at step {step}' if step else ''}")
-    logger = Logger(out, main, step)
-    monitor = KnnMonitor(cfg, size, device, precision) if main else None
+              f"{f' | resuming at step {run.step} from {resumed_from}' if state else ''}"
+              f"{''.join(f' | {c}' for c in changes)}")
+        print(monitor.describe(len(train_set), cfg.knn_every, auto) if monitor else
+              f"kNN monitor off: {no_monitor.rstrip('.')}")
+    return run
 
-    def save(epoch_: int, batch_: int) -> None:
-        if main:
-            checkpoint.atomic_save({"config": to_dict(cfg), "method": method.state_dict(), "optimizer": opt.state_dict(),
-                                    "scheduler": sched.state_dict(), "step": step, "epoch": epoch_, "batch": batch_,
-                                    "knn_history": history, "rng": checkpoint.rng_state()}, ckpt_path)
 
-    def monitor_knn(epoch_: int) -> None:
-        if main:
-            history.append((epoch_, monitor(method.evaluated_encoder(), data_bn_stats=step == 0)))
-            logger.log(step, knn_top1=history[-1][1])
-            tqdm.write(f"epoch {epoch_}: kNN top-1 {history[-1][1]:.2f}%")
+@contextlib.contextmanager
+def _writing(run: Run, what: Path):
+    """An OSError while writing the run's files (a full disk, a folder gone) as a one-line error."""
+    try:
+        yield
+    except OSError as e:
+        kept = f"the last checkpoint, {run.saved}, is intact" if run.saved else "no checkpoint was written yet"
+        raise UserError(f"cannot write {what} ({e.strerror or e}); {kept}; free some space or fix the folder, then "
+                        f"run the same command with --resume") from None
 
-    if main and cfg.knn_every and not history:
-        monitor_knn(0)  # the random-init reference point of the curve (BN statistics of the data)
-    stop = cfg.max_steps and step >= cfg.max_steps
-    amp = autocast(precision, device)
-    step_start, train_seconds = step, 0.0  # images/s counts the steps only, not the kNN monitor
-    while epoch < cfg.epochs and not stop:
-        method.train()
-        bar = tqdm(loader.epoch(epoch, start_batch), total=steps_per_epoch, initial=start_batch,
-                   desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not main, dynamic_ncols=True,
-                   mininterval=0.5 if sys.stderr.isatty() else 30)  # a log file gets a line per 30 s
-        epoch_start = window_start = time.perf_counter()
-        loss_sum, window_steps = torch.zeros((), device=device), 0
-        for batch_idx, views in enumerate(bar, start=start_batch):
-            loss, stats = train_step(method, views, opt, amp, step / total_steps)
-            sched.step()
-            step, window_steps, loss_sum = step + 1, window_steps + 1, loss_sum + loss
-            if step % cfg.log_every == 0:  # the only host sync of the loop
-                mean_loss = loss_sum.item() / window_steps
-                rate = window_steps * cfg.batch_size / (time.perf_counter() - window_start)
-                bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{rate:.0f}", lr=f"{sched.get_last_lr()[0]:.3g}",
-                               refresh=False)  # shown at the next refresh: one here would print a stale count
-                logger.log(step, loss=mean_loss, lr=sched.get_last_lr()[0], images_per_s=rate,
-                           **{k: float(v) for k, v in stats.items()})
-                window_start, loss_sum, window_steps = time.perf_counter(), torch.zeros_like(loss_sum), 0
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                save(epoch, batch_idx + 1)
-            if cfg.max_steps and step >= cfg.max_steps:
-                stop = True
+
+def _non_finite(run: Run, where: str) -> UserError:
+    kept = f"the last good checkpoint, {run.saved}, is left as it was" if run.saved else "no checkpoint was written"
+    return UserError(f"the loss is not finite {where}; stopped at step {run.step}: {kept}; lower --lr (or check the "
+                     f"data), then resume from it with --resume or start again")
+
+
+def save(run: Run, loss_sum: torch.Tensor) -> None:
+    """Every rank: BN statistics averaged over ranks; rank 0 writes the checkpoint, after checking that nothing in
+    it (loss since the last check, weights, teacher, queue) is NaN or infinite: a poisoned state never replaces
+    a good checkpoint."""
+    dist.average_batchnorm_statistics(run.method)
+    state = run.state()
+    tensors = [t for t in state["method"].values() if t.is_floating_point()]
+    finite = torch.stack([loss_sum.isfinite(), *[t.isfinite().all() for t in tensors]]).all().float()
+    if dist.all_reduce(finite).item() < dist.world_size():
+        raise _non_finite(run, f"in the steps before step {run.step}")
+    if run.main:
+        with _writing(run, run.out / checkpoint.LATEST):
+            checkpoint.save_run(state, run.out)
+    run.saved = run.out / checkpoint.LATEST
+
+
+def monitor(run: Run, data_bn_stats: bool = False) -> None:
+    dist.average_batchnorm_statistics(run.method)
+    accuracy = run.monitor(run.method.evaluated_encoder(), data_bn_stats=data_bn_stats)
+    epoch = run.epoch + run.batch / run.steps_per_epoch
+    run.history.append((epoch, accuracy))
+    run.monitored_at = run.step
+    if run.main:
+        tqdm.write(f"epoch {epoch:g}: kNN top-1 {accuracy:.2f}%")
+
+
+def loop(run: Run) -> dict:
+    """Train to the end of the last epoch (or --max-steps); returns the run's summary. Every rank agrees, step by
+    step, whether to stop (a signal, an unreadable image) or checkpoint (--checkpoint-minutes) before the step."""
+    cfg, main = run.cfg, run.main
+    amp = autocast(run.precision, run.device)
+    logger = Logger(run.out, main, run.step)
+    vote, last_save, unreadable = dist.Vote(), time.monotonic(), []
+    if run.monitor and cfg.knn_every and not run.history:
+        monitor(run, data_bn_stats=True)  # the random-init reference point of the curve (BN statistics of the data)
+    step_start, train_seconds, stopped = run.step, 0.0, False
+    with StopSignals() as signals:
+        while run.epoch < cfg.epochs and not stopped:
+            run.method.train()
+            bar = tqdm(run.loader.epoch(run.epoch, run.batch), total=run.steps_per_epoch, initial=run.batch,
+                       desc=f"epoch {run.epoch + 1}/{cfg.epochs}", disable=not main, dynamic_ncols=True,
+                       mininterval=0.5 if sys.stderr.isatty() else 30)  # a log file gets a line per 30 s
+            epoch_start = window_start = time.perf_counter()
+            loss_sum, window = torch.zeros((), device=run.device), 0
+            for views in bar:
+                bad = views.pop("bad_files", [])
+                unreadable += [] if cfg.skip_bad_images else bad
+                stopped, due = vote(signals.received or unreadable,
+                                    main and time.monotonic() - last_save > 60 * cfg.checkpoint_minutes > 0)
+                if stopped or due:
+                    save(run, loss_sum)
+                    last_save = time.monotonic()
+                if stopped:
+                    break
+                run.bad_files += bad  # replaced by other images (a stand-in also under torchrun, for one step)
+                loss, stats = train_step(run.method, views, run.opt, amp, run.step / run.total_steps)
+                run.sched.step()
+                run.step, run.batch, window, loss_sum = run.step + 1, run.batch + 1, window + 1, loss_sum + loss
+                if run.step % cfg.log_every == 0:  # the loop's only host sync
+                    mean_loss = dist.all_reduce(loss_sum, "mean").item() / window
+                    if not math.isfinite(mean_loss):
+                        raise _non_finite(run, f"at step {run.step} (mean loss {mean_loss} over the last {window})")
+                    rate = window * cfg.batch_size / (time.perf_counter() - window_start)
+                    lr = run.sched.get_last_lr()[0]
+                    bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{rate:.0f}", lr=f"{lr:.3g}",
+                                    refresh=False)  # shown at the next refresh: one here would print a stale count
+                    with _writing(run, run.out / "metrics.csv"):
+                        logger.log(run.step, loss=mean_loss, lr=lr, images_per_s=rate,
+                                   **{k: float(v) for k, v in stats.items()})
+                    window_start, loss_sum, window = time.perf_counter(), torch.zeros_like(loss_sum), 0
+                if cfg.checkpoint_every and run.step % cfg.checkpoint_every == 0:
+                    save(run, loss_sum)
+                    last_save = time.monotonic()
+                if cfg.max_steps and run.step >= cfg.max_steps:
+                    break
+            bar.close()
+            train_seconds += time.perf_counter() - epoch_start
+            if stopped:
                 break
-        bar.close()
-        train_seconds += time.perf_counter() - epoch_start
-        if stop and batch_idx + 1 < steps_per_epoch:
-            save(epoch, batch_idx + 1)
-            break
-        epoch, start_batch = epoch + 1, 0
-        save(epoch, 0)
-        if cfg.knn_every and (epoch % cfg.knn_every == 0 or epoch == cfg.epochs):
-            monitor_knn(epoch)
-    images_per_s = (step - step_start) * cfg.batch_size / max(train_seconds, 1e-9)
-
-    summary = {"steps": step, "epochs": epoch, "images_per_s": images_per_s, "precision": precision,
-               "knn_history": history}
-    if main:
-        if not history or history[-1][0] != epoch:
-            monitor_knn(epoch)
-        summary["knn_top1"] = history[-1][1]
-        checkpoint.atomic_save(checkpoint.backbone_state_dict(method.evaluated_encoder()), out / "backbone.pt")
-        _plot_knn(history, out / "knn.png", f"{cfg.method} {cfg.arch} on {cfg.data}")
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        print(f"kNN top-1 (k={cfg.knn_k}, T={cfg.knn_t}) after {epoch} epochs ({step} steps): "
-              f"{summary['knn_top1']:.2f}% | {images_per_s:.0f} images/s | backbone: {out / 'backbone.pt'}")
+            if cfg.max_steps and run.step >= cfg.max_steps and run.batch < run.steps_per_epoch:  # mid-epoch
+                save(run, loss_sum)
+                break
+            run.epoch, run.batch = run.epoch + 1, 0
+            save(run, loss_sum)
+            last_save = time.monotonic()
+            if run.monitor and cfg.knn_every and (run.epoch % cfg.knn_every == 0 or run.epoch == cfg.epochs):
+                monitor(run)
+            if cfg.max_steps and run.step >= cfg.max_steps:
+                break
+        vote.close()
     logger.close()
+    if stopped:
+        if unreadable:
+            raise UserError(f"cannot decode image {unreadable[0]}; stopped at step {run.step} with a checkpoint; "
+                            f"remove or replace it (`fastssl check DATA` lists every bad file), or pass "
+                            f"--skip-bad-images, then run the same command with --resume")
+        raise Stopped(f"stopped by {signals.received or 'another process'} at step {run.step}; checkpoint "
+                      f"{run.saved}; continue with the same command and --resume (or --auto-resume)")
+    return finish(run, (run.step - step_start) * cfg.batch_size / max(train_seconds, 1e-9), train_seconds)
+
+
+def finish(run: Run, images_per_s: float, train_seconds: float) -> dict:
+    """The last kNN pass, the exported backbone, the curve and the summary."""
+    if run.monitor and run.monitored_at != run.step:
+        monitor(run)
+    bad_files = sorted({f for files in dist.all_gather_objects(run.bad_files) for f in files})
+    summary = {"steps": run.step, "epochs": run.epoch, "images_per_s": images_per_s, "precision": run.precision,
+               "processes": dist.world_size(), "knn_history": run.history, "train_seconds": train_seconds,
+               "monitor_seconds": run.monitor.seconds if run.monitor else 0.0, "bad_images": len(bad_files)}
+    if run.history:
+        summary["knn_top1"] = run.history[-1][1]
+    if run.main:
+        with _writing(run, run.out):
+            checkpoint.atomic_save(checkpoint.backbone_state_dict(run.method.evaluated_encoder()),
+                                   run.out / "backbone.pt")
+            if run.history:
+                _plot_knn(run.history, run.out / "knn.png", f"{run.cfg.method} {run.cfg.arch} on {run.cfg.data}")
+            if bad_files:
+                (run.out / "bad_images.txt").write_text("".join(f"{f}\n" for f in bad_files))
+            (run.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        knn = f"kNN top-1 (k={run.cfg.knn_k}, T={run.cfg.knn_t}) {summary['knn_top1']:.2f}% | " if run.history else ""
+        replaced = f" | {len(bad_files)} unreadable images replaced (bad_images.txt)" if bad_files else ""
+        print(f"{knn}{run.epoch} epochs ({run.step} steps) | {images_per_s:.0f} images/s{replaced} | "
+              f"backbone: {run.out / 'backbone.pt'}")
     return summary
+
+
+def train(cfg: TrainConfig, given: dict | None = None) -> dict:
+    """Train a run (or continue one). `given`: the settings set explicitly (the CLI's options); by default every
+    setting that differs from TrainConfig's defaults. A lost process becomes a one-line error."""
+    try:
+        return loop(setup(cfg, given))
+    except (RuntimeError, dist.DistError) as e:
+        if dist.is_dist() and dist.is_lost_peer(e):
+            raise dist.lost_peer(e) from None
+        raise
+    finally:
+        dist.destroy()
 
 
 def _plot_knn(history: list, path: Path, title: str) -> None:

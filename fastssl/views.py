@@ -8,13 +8,22 @@ and never see which pipeline made them.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, fields, replace
+
+import torch
 
 from .errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-SMALL_IMAGE_MAX = 64  # images up to this side get the CIFAR recipes (no blur; models.py: the 3x3 stem)
+SMALL_IMAGE_MAX = 64
+
+
+def is_small(size: int) -> bool:
+    """Images up to 64 px get the CIFAR recipes: no blur, the 3x3 stride-1 stem without max-pool, the methods'
+    small-image defaults. The one place that decides it."""
+    return size <= SMALL_IMAGE_MAX
 
 
 @dataclass(frozen=True)
@@ -62,7 +71,7 @@ def weak(size: int, **kw) -> ViewSpec:
 
 def _blur_p(size: int, blur_p: float | None) -> float:
     """The papers' blur probability: 0.5 on ImageNet sizes, 0 on small images (the CIFAR recipes drop blur)."""
-    return (0.0 if size <= SMALL_IMAGE_MAX else 0.5) if blur_p is None else blur_p
+    return (0.0 if is_small(size) else 0.5) if blur_p is None else blur_p
 
 
 def strong(size: int, blur_p: float | None = None, **kw) -> ViewSpec:
@@ -115,3 +124,18 @@ def apply_overrides(views: dict[str, ViewSpec], text: str) -> dict[str, ViewSpec
         except ValueError as e:
             raise UserError(f"view setting {item!r}: {e}") from None
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def constant(values: tuple[float, ...], device: torch.device, scale: float = 1.0) -> torch.Tensor:
+    """A small fp32 constant (values x scale) on the device, copied there once: a blocking copy from the host
+    waits for the GPU."""
+    return (torch.tensor(values) * scale).to(device)
+
+
+def normalize(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...], channels_last: bool) -> torch.Tensor:
+    """The last step of every view and every evaluation batch: uint8 [B,3,H,W] (0..255) or float in [0, 1] ->
+    float (x - mean) / std, in the trainer's memory layout."""
+    scale = 255.0 if x.dtype == torch.uint8 else 1.0
+    x = (x.float() - constant(mean, x.device, scale).view(1, 3, 1, 1)).div_(constant(std, x.device, scale).view(1, 3, 1, 1))
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()

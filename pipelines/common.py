@@ -1,69 +1,123 @@
-"""What every pipeline shares: the loader interface, seeding and the final normalisation on the device."""
+"""What every pipeline shares: the loader contract, the order of an epoch, and randomness keyed by sample.
+
+The contract: `len(loader)` batches an epoch on every rank; `loader.epoch(e, start_batch)` yields them from
+`start_batch` on as {role: float [B,3,H,W] normalised on the device, "label": int64 [B]}. An epoch is a
+permutation of the set cut into global batches of `world x batch` samples; rank r takes the r-th slice of
+each. So one process at the global batch sees, at every step, the concatenation of what W processes see, and
+a step is the same step whatever the process count (a run resumes with another one). Augmentations draw
+their randomness from (seed, epoch, sample index), never from a batch or a rank.
+"""
 
 from __future__ import annotations
 
-import contextlib
-import importlib
-from types import ModuleType
-from typing import Iterator, Protocol
+from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 
-from fastssl.errors import UserError
+from fastssl.data import ImageSet
 from fastssl.views import ViewSpec
 
 
-class Loader(Protocol):
-    """Yields exact epochs of batches: {role: float [B,3,H,W] normalised on the device, "label": int64 [B]}."""
+@dataclass(frozen=True)
+class Shard:
+    """This process's share of the data: its rank among `world`, the run's seed, its batch (per rank)."""
 
-    batch_size: int  # per rank
+    rank: int = 0
+    world: int = 1
+    seed: int = 0
+    batch: int = 1
 
-    def __len__(self) -> int: ...  # batches per epoch
-
-    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[dict[str, torch.Tensor]]: ...
-
-
-# What installs each optional dependency (DALI wheels are per CUDA major version).
-EXTRAS = {"dali": "pip install 'fastssl[dali]' ('fastssl[dali-cuda120]' with a CUDA 12 build of torch)",
-          "ffcv": "pip install 'fastssl[ffcv]'"}
-
-
-@contextlib.contextmanager
-def torch_threads_kept():
-    """Undo what the block does to torch's intra-op threads: FFCV sets them to 1 on import and to its worker
-    count making a Loader and starting an epoch, which would leave a CPU run training on one core."""
-    threads = torch.get_num_threads()
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-def optional(module: str, extra: str) -> ModuleType:
-    """Import an optional dependency (DALI, FFCV), or say in one line how to install it; torch's threads kept."""
-    try:
-        with torch_threads_kept():
-            return importlib.import_module(module)
-    except ImportError as e:
-        raise UserError(f"{extra.upper()} is not installed ({e}); {EXTRAS[extra]}") from None
+    @property
+    def global_batch(self) -> int:
+        return self.batch * self.world
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """A seed per (run, epoch, sample): augmentations do not depend on workers, order or resumption."""
+    """A seed per (run, epoch, sample): augmentations do not depend on workers, order, ranks or resumption."""
     return ((seed * 1_000_003 + epoch) * 1_000_000_007 + index) % (2**63 - 1)
 
 
-def epoch_indices(n: int, batch_size: int, epoch: int, seed: int, rank: int = 0, world: int = 1) -> torch.Tensor:
-    """This rank's sample indices for one epoch: a fresh permutation, sharded by rank, whole batches only."""
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(sample_seed(seed, epoch, -1)))
-    per_rank = n // world // batch_size * batch_size
-    return perm[rank::world][:per_rank]
+def epoch_indices(n: int, shard: Shard, epoch: int) -> torch.Tensor:
+    """This rank's sample indices for one epoch, batch after batch: a fresh permutation of the n samples cut
+    into whole global batches, of which this rank takes slice `rank` of each."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(sample_seed(shard.seed, epoch, -1)))
+    steps = n // shard.global_batch
+    return perm[:steps * shard.global_batch].view(steps, shard.world, shard.batch)[:, shard.rank].reshape(-1)
 
 
-def normalize(x: torch.Tensor, spec: ViewSpec, device: torch.device, channels_last: bool) -> torch.Tensor:
-    """uint8 [B,3,H,W] (any device) -> float [B,3,H,W] on `device`, (x/255 - mean) / std."""
-    x = x.to(device, non_blocking=True)
-    mean = torch.tensor(spec.mean, device=device).view(1, 3, 1, 1) * 255
-    inv_std = 1 / (torch.tensor(spec.std, device=device).view(1, 3, 1, 1) * 255)
-    x = (x.float() - mean) * inv_std
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
+# ---- counter-based randomness: the draws of a sample are a function of its key alone ----
+
+_GOLDEN = 0x9E3779B97F4A7C15
+
+
+def _signed(v: int) -> int:
+    """A 64-bit pattern as the int64 that holds it."""
+    v &= (1 << 64) - 1
+    return v - (1 << 64) if v >> 63 else v
+
+
+def _shr(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 patterns (torch's >> is arithmetic)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser on int64 tensors (multiplication wraps around, as the algorithm wants)."""
+    x = (x ^ _shr(x, 30)) * _signed(0xBF58476D1CE4E5B9)
+    x = (x ^ _shr(x, 27)) * _signed(0x94D049BB133111EB)
+    return x ^ _shr(x, 31)
+
+
+class SampleRandom:
+    """Uniform draws for a batch of samples, each row a function of the sample's (seed, epoch, index) only.
+
+    Every call to `uniform` is one more draw per sample (`k` values each); the same sequence of calls gives
+    every sample the same values whichever batch, rank, worker or device makes it. splitmix64 over a counter:
+    no generator state, nothing to seed per batch, and all of it batched tensor ops on the device.
+    """
+
+    def __init__(self, seed: int, epoch: int, indices: torch.Tensor):
+        base = _signed(sample_seed(seed, epoch, 0) * _GOLDEN)
+        self.keys = _mix(indices.to(torch.int64) * _signed(_GOLDEN) + base)
+        self.draws = 0
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @property
+    def device(self) -> torch.device:
+        return self.keys.device
+
+    def uniform(self, k: int = 1) -> torch.Tensor:
+        """float [n, k] in [0, 1): the next k draws of each sample."""
+        counter = self.draws * 64 + torch.arange(1, k + 1, device=self.device)
+        self.draws += 1
+        bits = _mix(self.keys[:, None] + counter * _signed(_GOLDEN))
+        return _shr(bits, 40).float() * 2.0**-24  # the top 24 bits: exact in fp32
+
+
+class Loader:
+    """The contract's bookkeeping; a pipeline implements `epoch`."""
+
+    def __init__(self, images: ImageSet, views: dict[str, ViewSpec], shard: Shard, device: torch.device,
+                 channels_last: bool = True):
+        self.images, self.views, self.shard, self.device = images, views, shard, device
+        self.channels_last = channels_last
+
+    @property
+    def batch_size(self) -> int:
+        return self.shard.batch
+
+    def __len__(self) -> int:
+        return len(self.images) // self.shard.global_batch
+
+    def indices(self, epoch: int, start_batch: int = 0) -> torch.Tensor:
+        """This rank's sample indices of the epoch from `start_batch` on, [batches, batch]."""
+        return epoch_indices(len(self.images), self.shard, epoch).view(-1, self.shard.batch)[start_batch:]
+
+    def random(self, epoch: int, indices: torch.Tensor) -> SampleRandom:
+        return SampleRandom(self.shard.seed, epoch, indices)
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+        raise NotImplementedError

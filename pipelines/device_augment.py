@@ -5,28 +5,23 @@ and returns float [B,3,H,W] in [0, 1]. The ops follow torchvision.transforms.v2.
 images (same formulas, same clamping). A sample the op should leave alone gets the op's identity
 parameter (factor 1, a delta kernel, a False mask) rather than being skipped: shapes never depend on the
 data, so nothing waits on the GPU. `sample_params` draws every parameter of a view from a ViewSpec with
-a generator on the batch's device; `view` makes one view of a batch.
+a `SampleRandom` (draws keyed by each sample, on the batch's device); `view` makes one view of a batch.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 import torch.nn.functional as F
 
-from fastssl.views import ViewSpec
+from fastssl.views import ViewSpec, constant
+
+from .common import SampleRandom
 
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
 BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)  # ColorJitter's op ids
 NO_OP = -1
-
-
-@functools.lru_cache(maxsize=None)
-def _constant(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
-    """A small constant on the device, copied there once: a blocking copy from the host waits for the GPU."""
-    return torch.tensor(values, device=device)
 
 
 def to_unit(x: torch.Tensor) -> torch.Tensor:
@@ -38,41 +33,44 @@ def _col(v: torch.Tensor) -> torch.Tensor:
     return v.view(-1, 1, 1, 1)
 
 
-def _uniform(shape: tuple[int, ...], lo: float, hi: float, g: torch.Generator) -> torch.Tensor:
-    return torch.rand(shape, generator=g, device=g.device).mul_(hi - lo).add_(lo)
+def _uniform(rnd: SampleRandom, lo: float, hi: float, k: int | None = None) -> torch.Tensor:
+    """[n] (k None) or [n, k] uniform in [lo, hi)."""
+    u = rnd.uniform(k or 1)
+    return (u if k else u[:, 0]).mul_(hi - lo).add_(lo)
 
 
-def _coin(n: int, p: float, g: torch.Generator) -> torch.Tensor:
-    return torch.rand(n, generator=g, device=g.device) < p
+def _coin(rnd: SampleRandom, p: float) -> torch.Tensor:
+    return rnd.uniform()[:, 0] < p
 
 
 # ---- geometry: random resized crop + horizontal flip ----
 
-def sample_crops(n: int, height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float],
-                 g: torch.Generator) -> torch.Tensor:
+def sample_crops(height, width, scale: tuple[float, float], ratio: tuple[float, float],
+                 rnd: SampleRandom) -> torch.Tensor:
     """RandomResizedCrop.get_params for n images at once: boxes [n,4] as (x0, y0, w, h) in whole pixels.
 
-    Ten tries per image as torchvision makes, vectorised: the first try whose box fits is kept; an image
-    with none gets torchvision's fallback, the central crop clamped to the ratio range.
+    height, width: ints, or [n] tensors for images of different sizes. Ten tries per image as torchvision makes,
+    vectorised: the first try whose box fits is kept; an image with none gets torchvision's fallback, the
+    central crop clamped to the ratio range.
     """
-    target = _uniform((n, 10), *scale, g) * (height * width)
-    aspect = _uniform((n, 10), math.log(ratio[0]), math.log(ratio[1]), g).exp_()
+    n = len(rnd)
+    height = torch.as_tensor(height, dtype=torch.float32, device=rnd.device).expand(n)
+    width = torch.as_tensor(width, dtype=torch.float32, device=rnd.device).expand(n)
+    target = _uniform(rnd, *scale, 10) * (height * width)[:, None]
+    aspect = _uniform(rnd, math.log(ratio[0]), math.log(ratio[1]), 10).exp_()
     w = (target * aspect).sqrt_().round_()
     h = (target / aspect).sqrt_().round_()
-    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    fits = (w > 0) & (w <= width[:, None]) & (h > 0) & (h <= height[:, None])
     first = fits.int().argmax(1, keepdim=True)  # the first fitting try (0 when none fits)
     w, h, found = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0], fits.any(1)
 
-    if width / height < min(ratio):
-        fw, fh = width, round(width / min(ratio))
-    elif width / height > max(ratio):
-        fw, fh = round(height * max(ratio)), height
-    else:
-        fw, fh = width, height
+    narrow, wide = width / height < min(ratio), width / height > max(ratio)
+    fw = torch.where(wide, (height * max(ratio)).round(), width)
+    fh = torch.where(narrow, (width / min(ratio)).round(), height)
     w, h = torch.where(found, w, fw), torch.where(found, h, fh)
     # torchvision's randint(0, side - crop + 1) for the corner, or the centre for the fallback
-    y0 = torch.where(found, (_uniform((n,), 0, 1, g) * (height - h + 1)).floor_(), (height - fh) // 2)
-    x0 = torch.where(found, (_uniform((n,), 0, 1, g) * (width - w + 1)).floor_(), (width - fw) // 2)
+    y0 = torch.where(found, (_uniform(rnd, 0, 1) * (height - h + 1)).floor_(), ((height - fh) / 2).floor())
+    x0 = torch.where(found, (_uniform(rnd, 0, 1) * (width - w + 1)).floor_(), ((width - fw) / 2).floor())
     return torch.stack([x0, y0, w, h], 1)
 
 
@@ -112,7 +110,7 @@ def gray(x: torch.Tensor) -> torch.Tensor:
     """Luma [B,1,H,W] with torchvision's weights (as one matmul: several times faster than three multiply-adds)."""
     x = to_unit(x)
     b, _, h, w = x.shape
-    return (_constant(GRAY_WEIGHTS, x.device) @ x.reshape(b, 3, h * w)).view(b, 1, h, w)
+    return (constant(GRAY_WEIGHTS, x.device) @ x.reshape(b, 3, h * w)).view(b, 1, h, w)
 
 
 def adjust(x: torch.Tensor, op: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -212,24 +210,25 @@ def jitter_ranges(strength: tuple[float, float, float, float]) -> list[tuple[flo
     return [(max(0.0, 1 - b), 1 + b), (max(0.0, 1 - c), 1 + c), (max(0.0, 1 - s), 1 + s), (-h, h)]
 
 
-def sample_params(n: int, height: int, width: int, spec: ViewSpec, g: torch.Generator) -> dict[str, torch.Tensor]:
-    """Every random parameter of one view of n images of height x width, drawn on g's device.
+def sample_params(height, width, spec: ViewSpec, rnd: SampleRandom) -> dict[str, torch.Tensor]:
+    """Every random parameter of one view of len(rnd) images of height x width (ints, or [n] tensors), drawn
+    on rnd's device.
 
     Keys: boxes, flip; then for the ops the spec uses: jitter [n,4] (identity factors where jitter did not
     fire) and order [n,4]; gray; blur and sigma; solarize. Masks are bool [n].
     """
-    p = {"boxes": sample_crops(n, height, width, spec.crop_scale, spec.crop_ratio, g), "flip": _coin(n, spec.flip_p, g)}
+    p = {"boxes": sample_crops(height, width, spec.crop_scale, spec.crop_ratio, rnd), "flip": _coin(rnd, spec.flip_p)}
     if spec.jitter_p:
-        drawn = torch.stack([_uniform((n,), lo, hi, g) for lo, hi in jitter_ranges(spec.jitter)], 1)
-        identity = _constant((1.0, 1.0, 1.0, 0.0), g.device)
-        p["jitter"] = torch.where(_coin(n, spec.jitter_p, g)[:, None], drawn, identity)
-        p["order"] = torch.rand(n, 4, generator=g, device=g.device).argsort(1)  # a randperm(4) per sample
+        drawn = torch.stack([_uniform(rnd, lo, hi) for lo, hi in jitter_ranges(spec.jitter)], 1)
+        identity = constant((1.0, 1.0, 1.0, 0.0), rnd.device)
+        p["jitter"] = torch.where(_coin(rnd, spec.jitter_p)[:, None], drawn, identity)
+        p["order"] = rnd.uniform(4).argsort(1)  # a randperm(4) per sample
     if spec.grayscale_p:
-        p["gray"] = _coin(n, spec.grayscale_p, g)
+        p["gray"] = _coin(rnd, spec.grayscale_p)
     if spec.blur_p:
-        p["blur"], p["sigma"] = _coin(n, spec.blur_p, g), _uniform((n,), *spec.blur_sigma, g)
+        p["blur"], p["sigma"] = _coin(rnd, spec.blur_p), _uniform(rnd, *spec.blur_sigma)
     if spec.solarize_p:
-        p["solarize"] = _coin(n, spec.solarize_p, g)
+        p["solarize"] = _coin(rnd, spec.solarize_p)
     return p
 
 
@@ -247,14 +246,7 @@ def photometric(x: torch.Tensor, spec: ViewSpec, p: dict[str, torch.Tensor]) -> 
     return x
 
 
-def view(src: torch.Tensor, spec: ViewSpec, g: torch.Generator) -> torch.Tensor:
+def view(src: torch.Tensor, spec: ViewSpec, rnd: SampleRandom) -> torch.Tensor:
     """One view of every image of a uint8 or float [B,3,H,W] batch: float [B,3,size,size] in [0, 1]."""
-    p = sample_params(len(src), src.shape[-2], src.shape[-1], spec, g)
+    p = sample_params(src.shape[-2], src.shape[-1], spec, rnd)
     return photometric(resized_crop(src, p["boxes"], p["flip"], spec.size), spec, p)
-
-
-def standardize(x: torch.Tensor, spec: ViewSpec, channels_last: bool) -> torch.Tensor:
-    """float [0, 1] -> (x - mean) / std in the trainer's layout (what common.normalize does for uint8)."""
-    mean, std = _constant(spec.mean, x.device).view(1, 3, 1, 1), _constant(spec.std, x.device).view(1, 3, 1, 1)
-    x = (x - mean).div_(std)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()

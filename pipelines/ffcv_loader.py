@@ -11,9 +11,9 @@ photometric ops (jitter, grayscale, blur, solarize) run batched with per-sample 
 (device_augment, the code of --pipeline tensor), then the normalisation.
 
 Seeding: the crops and flips of a sample are drawn from numba's generator seeded per (run seed, epoch, row),
-so they do not depend on which FFCV thread decodes it; the photometric parameters come from a torch
-generator per (seed, epoch, batch). The order of an epoch is common.epoch_indices (sharded by rank, whole
-batches), so a run resumes exactly at any batch.
+so they do not depend on which FFCV thread decodes it; the photometric parameters are keyed by (seed, epoch,
+sample) too (common.SampleRandom). The order of an epoch is common.epoch_indices (global batches, a slice per
+rank), so a run resumes exactly at any batch and a sample gets the same views whatever the process count.
 """
 
 from __future__ import annotations
@@ -24,10 +24,12 @@ import numpy as np
 import torch
 
 from fastssl.data import BetonSet
-from fastssl.views import ViewSpec
+from fastssl.extras import optional, torch_threads_kept
+from fastssl.views import ViewSpec, normalize
 
-from .common import epoch_indices, optional, sample_seed, torch_threads_kept
-from .device_augment import photometric, sample_params, standardize, to_unit
+from .common import Loader as LoaderBase
+from .common import Shard, sample_seed
+from .device_augment import photometric, sample_params, to_unit
 
 optional("ffcv", "ffcv")  # a one-line error naming the extra when FFCV is missing; torch's threads kept
 from ffcv.fields.basics import IntDecoder  # noqa: E402
@@ -137,16 +139,15 @@ def _to_device(device: torch.device) -> list:
     return [ToDevice(device, non_blocking=True)] if device.type == "cuda" else []
 
 
-class FFCVLoader:
-    def __init__(self, images: BetonSet, views: dict[str, ViewSpec], *, batch_size: int, device: torch.device,
-                 workers: int = 2, seed: int = 0, rank: int = 0, world: int = 1, channels_last: bool = True):
-        self.rows, self.views, self.batch_size, self.device = images.rows, views, batch_size, device
-        self.seed, self.rank, self.world, self.channels_last = seed, rank, world, channels_last
+class FFCVLoader(LoaderBase):
+    def __init__(self, images: BetonSet, views: dict[str, ViewSpec], shard: Shard, device: torch.device, *,
+                 workers: int = 2, channels_last: bool = True):
+        super().__init__(images, views, shard, device, channels_last)
         self.epoch_seed = np.zeros(1, dtype=np.uint64)
         self.order = _EpochOrder()
         decoder = ViewsDecoder(list(views.values()), self.epoch_seed)
         with torch_threads_kept():
-            self.loader = Loader(images.root, batch_size=batch_size, num_workers=max(1, workers), drop_last=True,
+            self.loader = Loader(images.root, batch_size=shard.batch, num_workers=max(1, workers), drop_last=True,
                                  order=OrderOption.SEQUENTIAL, indices=images.rows.numpy(),
                                  pipelines={"image": PipelineSpec("image", decoder, [ToTensor(), *_to_device(device)]),
                                             "label": [IntDecoder(), ToTensor(), *_to_device(device)]})
@@ -154,44 +155,45 @@ class FFCVLoader:
         sides = [spec.size for spec in views.values()]
         self.slices = dict(zip(views, zip(decoder.offsets[:-1].tolist(), decoder.offsets[1:].tolist(), sides)))
 
-    def __len__(self) -> int:
-        return len(self.rows) // self.world // self.batch_size
-
     def epoch(self, epoch: int, start_batch: int = 0):
-        order = epoch_indices(len(self.rows), self.batch_size, epoch, self.seed, self.rank, self.world)
-        self.order.rows = self.rows[order[start_batch * self.batch_size:]].numpy().astype(np.uint64)
-        self.epoch_seed[0] = sample_seed(self.seed, epoch, 0)
+        order = self.indices(epoch, start_batch)  # [batches, batch] positions in the set
+        self.order.rows = self.images.rows[order.flatten()].numpy().astype(np.uint64)
+        self.epoch_seed[0] = sample_seed(self.shard.seed, epoch, 0)
         with torch_threads_kept():
             batches = iter(self.loader)
         try:
-            for b, (packed, labels) in enumerate(batches, start=start_batch):
-                g = torch.Generator(self.device).manual_seed(sample_seed(self.seed, epoch, b * self.world + self.rank))
+            for idx, (packed, labels) in zip(order.to(self.device), batches):
+                rnd = self.random(epoch, idx)
                 out = {}
                 for role, spec in self.views.items():
                     start, end, side = self.slices[role]
                     x = packed[:, start:end].view(-1, side, side, 3).permute(0, 3, 1, 2)  # uint8, channels_last
-                    x = photometric(x, spec, sample_params(len(x), side, side, spec, g)) if spec.is_photometric \
+                    x = photometric(x, spec, sample_params(side, side, spec, rnd)) if spec.is_photometric \
                         else to_unit(x)
-                    out[role] = standardize(x, spec, self.channels_last)
+                    out[role] = normalize(x, spec.mean, spec.std, self.channels_last)
                 out["label"] = labels.view(-1).clone()  # FFCV reuses its buffers
                 yield out
         finally:
             batches.close()  # stops FFCV's thread, also when the loop leaves the epoch early
 
 
-_EVAL_LOADERS: dict[tuple, Loader] = {}  # FFCV compiles every new Loader (seconds): the kNN monitor reuses its own
+class EvalReader:
+    """uint8 [B,3,size,size] batches of every image of a .beton split, in order: the centre crop of 224/256 of
+    the shorter side (the whole image for sets converted from a named set) resized to size. FFCV compiles a
+    Loader (seconds), so a reader is made once and iterated at every evaluation."""
 
+    def __init__(self, images: BetonSet, size: int, batch_size: int, workers: int):
+        decoder = CenterCropRGBImageDecoder((size, size), ratio=1.0 if images.side else 224 / 256)
+        with torch_threads_kept():
+            self.loader = Loader(images.root, batch_size=batch_size, num_workers=max(1, workers),
+                                 order=OrderOption.SEQUENTIAL, indices=images.rows.numpy(), drop_last=False,
+                                 pipelines={"image": [decoder, ToTensor(), ToTorchImage()], "label": None})
 
-def eval_batches(images: BetonSet, size: int, batch_size: int, workers: int):
-    """uint8 [B,3,size,size] batches of every image in order (evaluate.extract_features): the centre crop of
-    224/256 of the shorter side (the whole image for sets converted from a named set) resized to size."""
-    key = (images.root, size, batch_size, workers, images.rows.numpy().tobytes())
-    with torch_threads_kept():
-        if key not in _EVAL_LOADERS:
-            decoder = CenterCropRGBImageDecoder((size, size), ratio=1.0 if images.side else 224 / 256)
-            _EVAL_LOADERS[key] = Loader(images.root, batch_size=batch_size, num_workers=max(1, workers),
-                                        order=OrderOption.SEQUENTIAL, indices=images.rows.numpy(), drop_last=False,
-                                        pipelines={"image": [decoder, ToTensor(), ToTorchImage()], "label": None})
-        batches = iter(_EVAL_LOADERS[key])
-    for (x,) in batches:
-        yield x
+    def __iter__(self):
+        with torch_threads_kept():
+            batches = iter(self.loader)
+        try:
+            for (x,) in batches:
+                yield x
+        finally:
+            batches.close()

@@ -2,8 +2,9 @@
 
 For CIFAR, STL-10, Tiny-ImageNet, Fashion-MNIST: each batch is an index into that tensor, and every view
 is made from the batch by batched tensor ops (pipelines/device_augment.py), as airbench does for
-CIFAR-10. Random parameters come from a generator on the device seeded by (seed, epoch, global batch
-index): a run is reproducible and resumes exactly mid-epoch. Nothing in the loop waits on the GPU.
+CIFAR-10. Random parameters are keyed by (seed, epoch, sample index) (common.SampleRandom), drawn on the
+device: a run is reproducible, resumes exactly mid-epoch and gives every sample the same views whatever the
+number of processes. Nothing in the loop waits on the GPU.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ from torchvision.transforms.v2 import functional as TF
 
 from fastssl.data import ImageSet
 from fastssl.errors import UserError
-from fastssl.views import ViewSpec
+from fastssl.views import ViewSpec, normalize
 
-from .common import epoch_indices, sample_seed
-from .device_augment import standardize, view
+from .common import Loader, Shard
+from .device_augment import view
 
 MEMORY_FRACTION = 0.5  # of the free memory where the set is kept: the rest is for the model and activations
 MAX_FOLDER_SIDE = 128  # image folders are decoded once at the view size: only small images belong here
@@ -69,25 +70,18 @@ def resident_images(images: ImageSet, size: int, device: torch.device, workers: 
     return out.to(device)
 
 
-class TensorLoader:
-    def __init__(self, images: ImageSet, views: dict[str, ViewSpec], *, batch_size: int, device: torch.device,
-                 workers: int = 2, seed: int = 0, rank: int = 0, world: int = 1, channels_last: bool = True):
-        self.images = resident_images(images, max(spec.size for spec in views.values()), device, workers)
+class TensorLoader(Loader):
+    def __init__(self, images: ImageSet, views: dict[str, ViewSpec], shard: Shard, device: torch.device, *,
+                 workers: int = 2, channels_last: bool = True):
+        super().__init__(images, views, shard, device, channels_last)
+        self.pixels = resident_images(images, max(spec.size for spec in views.values()), device, workers)
         self.labels = images.labels.to(device)
-        self.views, self.batch_size, self.device = views, batch_size, device
-        self.seed, self.rank, self.world, self.channels_last = seed, rank, world, channels_last
-
-    def __len__(self) -> int:
-        return len(self.labels) // self.world // self.batch_size
 
     def epoch(self, epoch: int, start_batch: int = 0):
-        indices = epoch_indices(len(self.labels), self.batch_size, epoch, self.seed, self.rank, self.world)
-        indices = indices.to(self.device)
-        for b in range(start_batch, len(self)):
-            idx = indices[b * self.batch_size:(b + 1) * self.batch_size]
-            src = self.images[idx].permute(0, 3, 1, 2)  # uint8 [B,3,H,W]
-            g = torch.Generator(self.device).manual_seed(sample_seed(self.seed, epoch, b * self.world + self.rank))
-            out = {role: standardize(view(src, spec, g), spec, self.channels_last)
+        for idx in self.indices(epoch, start_batch).to(self.device):
+            src = self.pixels[idx].permute(0, 3, 1, 2)  # uint8 [B,3,H,W]
+            rnd = self.random(epoch, idx)
+            out = {role: normalize(view(src, spec, rnd), spec.mean, spec.std, self.channels_last)
                    for role, spec in self.views.items()}
             out["label"] = self.labels[idx]
             yield out

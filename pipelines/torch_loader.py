@@ -12,9 +12,9 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from fastssl.data import ImageSet
-from fastssl.views import ViewSpec
+from fastssl.views import ViewSpec, normalize
 
-from .common import epoch_indices, normalize, sample_seed
+from .common import Loader, Shard, sample_seed
 
 
 def to_torchvision(spec: ViewSpec) -> v2.Compose:
@@ -50,24 +50,56 @@ class _Views(Dataset):
         return out
 
 
-class TorchLoader:
-    def __init__(self, images: ImageSet, views: dict[str, ViewSpec], *, batch_size: int, device: torch.device,
-                 workers: int = 2, seed: int = 0, rank: int = 0, world: int = 1, channels_last: bool = True):
-        self.dataset = _Views(images, views, seed)
-        self.views, self.batch_size, self.device = views, batch_size, device
-        self.workers, self.seed, self.rank, self.world = workers, seed, rank, world
-        self.channels_last = channels_last
-
-    def __len__(self) -> int:
-        return len(self.dataset) // self.world // self.batch_size
+class TorchLoader(Loader):
+    def __init__(self, images: ImageSet, views: dict[str, ViewSpec], shard: Shard, device: torch.device, *,
+                 workers: int = 2, channels_last: bool = True):
+        super().__init__(images, views, shard, device, channels_last)
+        self.dataset, self.workers = _Views(images, views, shard.seed), workers
 
     def epoch(self, epoch: int, start_batch: int = 0):
         self.dataset.epoch = epoch  # workers fork after this, so they see it
-        indices = epoch_indices(len(self.dataset), self.batch_size, epoch, self.seed, self.rank, self.world)
-        loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=indices[start_batch * self.batch_size:].tolist(),
-                            num_workers=self.workers, pin_memory=self.device.type == "cuda", drop_last=True,
+        order = self.indices(epoch, start_batch).flatten().tolist()
+        loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=order, num_workers=self.workers,
+                            pin_memory=self.device.type == "cuda", drop_last=True,
                             prefetch_factor=4 if self.workers else None)
         for batch in loader:
-            out = {role: normalize(batch[role], spec, self.device, self.channels_last) for role, spec in self.views.items()}
+            out = {role: normalize(batch[role].to(self.device, non_blocking=True), spec.mean, spec.std,
+                                   self.channels_last) for role, spec in self.views.items()}
             out["label"] = batch["label"].to(self.device, non_blocking=True)
             yield out
+
+
+class MemoryEvalReader:
+    """A set held in memory, in order: slices of its tensor, resized to size where the stored side differs."""
+
+    def __init__(self, images: ImageSet, size: int, batch_size: int, workers: int = 0):
+        self.images, self.size, self.batch_size = images, size, batch_size
+
+    def __iter__(self):
+        for i in range(0, len(self.images), self.batch_size):
+            x = self.images.images[i:i + self.batch_size].permute(0, 3, 1, 2)
+            yield x if x.shape[-1] == self.size else v2.functional.resize(x, [self.size, self.size], antialias=True)
+
+
+class _CentreCrops(Dataset):
+    """The evaluation view of image files: the shorter side resized to size*256/224, the centre size x size."""
+
+    def __init__(self, images: ImageSet, size: int):
+        self.images = images
+        self.transform = v2.Compose([v2.Resize(round(size * 256 / 224), antialias=True), v2.CenterCrop(size)])
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.transform(self.images.read(i))
+
+
+class FileEvalReader:
+    """Image files, in order, decoded by PIL in DataLoader workers (the reference pipeline's decoder)."""
+
+    def __init__(self, images: ImageSet, size: int, batch_size: int, workers: int):
+        self.dataset, self.batch_size, self.workers = _CentreCrops(images, size), batch_size, workers
+
+    def __iter__(self):
+        yield from DataLoader(self.dataset, batch_size=self.batch_size, num_workers=self.workers)

@@ -2,7 +2,7 @@
 
 A method is one small module: it declares the views it wants (by role), builds its heads and teacher,
 computes the loss from a batch of views, and keeps its own state (EMA teacher, queue) in its
-`state_dict`. The loop never looks inside.
+`state_dict`. The loop never looks inside: it calls `distribute`, `compile`, `step` and `after_step`.
 """
 
 from __future__ import annotations
@@ -12,11 +12,25 @@ from typing import ClassVar
 
 import torch
 import torch.nn as nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.nn.parallel import DistributedDataParallel
 
 from ..config import TrainConfig
 from ..errors import UserError
+from ..models import EncoderAverage
+from ..queue import EmbeddingQueue
 from ..views import ViewSpec
+
+
+class PerView(nn.Module):
+    """net applied to each of several inputs in one call: one forward per view (BatchNorm sees one view at a
+    time) and one call through DDP per step, however many views the student sees."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, *xs: torch.Tensor) -> list:
+        return [self.net(x) for x in xs]
 
 
 class Method(nn.Module):
@@ -24,6 +38,8 @@ class Method(nn.Module):
     backprops_per_image: ClassVar[int]  # student backward passes per image: the "1x vs 2x" cost
     max_crops: ClassVar[int] = 1  # student crops per image the method can take (cfg.crops; multi-crop)
     head_bn_switch: ClassVar[bool] = False  # cfg.proj_bn changes its head (other heads are their papers')
+    student: nn.Module
+    teacher: nn.Module
 
     @staticmethod
     def defaults(small: bool) -> dict:
@@ -43,37 +59,57 @@ class Method(nn.Module):
         if cfg.proj_bn and not self.head_bn_switch:
             raise UserError(f"proj_bn: {self.name}'s head is its paper's (only ressl takes --proj-bn); leave it off")
         self.cfg = cfg
-        self.distributed_student: nn.Module | None = None  # a DDP wrapper of `student`, kept outside the state
-        # The encoder's running average (weights and BN statistics), in the state_dict so that resume is exact.
-        # Built from `backbone`, which every encoder() starts as; its first update copies encoder() anyway.
-        self.encoder_average = (AveragedModel(backbone, multi_avg_fn=get_ema_multi_avg_fn(cfg.encoder_ema),
-                                              use_buffers=True) if cfg.encoder_ema else None)
+        # The encoder's running average, in the state_dict so that resume is exact. Built from `backbone`, which
+        # every encoder() starts as; its first update copies encoder() anyway.
+        self.encoder_average = EncoderAverage(backbone, cfg.encoder_ema) if cfg.encoder_ema else None
+        self.queue: EmbeddingQueue | None = None
+        object.__setattr__(self, "_student_call", None)  # set by distribute(); kept out of _modules and state_dict
 
     def step(self, views: dict[str, torch.Tensor], progress: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Forward pass and loss for one batch; `progress` in [0, 1) drives schedules (EMA momentum)."""
         raise NotImplementedError
 
+    def student_forward(self, *xs: torch.Tensor) -> list:
+        """The student on each view, in one call (through DDP under torchrun)."""
+        return (self._student_call or PerView(self.student))(*xs)
+
     def after_step(self) -> None:
-        """State updates that must follow the optimiser step (e.g. enqueue the teacher's keys)."""
+        """What follows the optimiser step: the staged keys into the queue, the encoder's running average."""
+        if self.queue is not None:
+            self.queue.commit()
+        if self.encoder_average is not None:
+            self.encoder_average.update(self.encoder())
 
     def encoder(self) -> nn.Module:
         """The method's trained backbone (the student's; ReSA: the momentum encoder)."""
         return self.student[0]
 
-    def update_encoder_average(self) -> None:
-        if self.encoder_average is not None:
-            self.encoder_average.update_parameters(self.encoder())
-
     def evaluated_encoder(self) -> nn.Module:
         """The backbone the kNN monitor evaluates and the run exports: encoder(), or its running average."""
         return self.encoder() if self.encoder_average is None else self.encoder_average.module
 
-    def student_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.distributed_student or self.student)(x)
-
     def trainable(self) -> nn.Module:
-        """The module whose parameters the optimiser updates (wrapped in DDP under torchrun)."""
+        """The module whose parameters the optimiser updates."""
         return self.student
+
+    def distribute(self, device: torch.device, sync_bn: bool) -> None:
+        """Under torchrun: DDP around the student (gradients averaged over ranks), held outside the method's
+        modules so that checkpoints hold each weight once; with sync_bn, BatchNorm statistics over the global
+        batch in the student and the teacher (torch SyncBatchNorm)."""
+        if sync_bn:
+            self.student = nn.SyncBatchNorm.convert_sync_batchnorm(self.student)
+            self.teacher = nn.SyncBatchNorm.convert_sync_batchnorm(self.teacher)
+        # BN running statistics are averaged over ranks when they are read (fastssl.dist), not broadcast at
+        # every forward.
+        ddp = DistributedDataParallel(PerView(self.student), device_ids=[device.index] if device.type == "cuda"
+                                      else None, broadcast_buffers=False)
+        object.__setattr__(self, "_student_call", ddp)
+
+    def compile(self) -> None:
+        """torch.compile each network once, in place (the DDP wrapper calls the compiled student). The encoder's
+        average only runs in evaluation and is left alone."""
+        self.student.compile()
+        self.teacher.compile()
 
 
 def fp32(like: torch.Tensor):

@@ -13,8 +13,8 @@ import copy
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from ..kernels import byol_loss
 from ..models import ema_update, mlp
 from ..views import strong
 from . import register
@@ -48,7 +48,6 @@ class BYOL(Method):
         ema_update(self.teacher, self.student[:2], cosine_momentum(self.cfg.momentum, progress))  # before its forward
         x = (views["view1"], views["view2"])
         with torch.no_grad():
-            z = [F.normalize(self.teacher(v).float(), dim=1) for v in x]
-        p = [F.normalize(self.student_forward(v).float(), dim=1) for v in x]  # one forward per view: BN per view
-        loss = (2 - 2 * (p[0] * z[1]).sum(1)).mean() + (2 - 2 * (p[1] * z[0]).sum(1)).mean()
-        return loss, {}
+            z = [self.teacher(v) for v in x]
+        p = self.student_forward(*x)  # one forward per view: BN per view
+        return byol_loss(p[0], z[1]) + byol_loss(p[1], z[0]), {}

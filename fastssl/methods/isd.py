@@ -49,17 +49,12 @@ class ISD(Method):
         self.student = nn.Sequential(backbone, projector, mlp([dim, hidden, dim], hidden_bn=True))
         self.teacher = copy.deepcopy(self.student[:2]).requires_grad_(False)  # no predictor on the teacher
         self.queue = EmbeddingQueue(cfg.queue_size, dim, seed=cfg.seed)
-        self._keys: torch.Tensor | None = None
 
     def step(self, views, progress):
         ema_update(self.teacher, self.student[:2], self.cfg.momentum)  # before the teacher forward
         with torch.no_grad():
             k = F.normalize(self.teacher(views["weak"]).float(), dim=1)
-        q = F.normalize(self.student_forward(views["strong"]).float(), dim=1)
-        loss = relational_loss(q, k, self.queue.rows, self.cfg.tau_s, self.cfg.tau_t)
-        self._keys = k
+        (q,) = self.student_forward(views["strong"])
+        loss = relational_loss(F.normalize(q.float(), dim=1), k, self.queue.rows, self.cfg.tau_s, self.cfg.tau_t)
+        self.queue.stage(k)  # enqueued after the optimiser step: a sample is never its own anchor
         return loss, {}
-
-    def after_step(self):
-        self.queue.enqueue(self._keys)  # after the loss: a sample is never its own anchor
-        self._keys = None

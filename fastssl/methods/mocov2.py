@@ -1,10 +1,11 @@
 """MoCo v2 baseline: InfoNCE between a query and its EMA key, against a queue of past keys as negatives.
 
 Both views are the same strong (MoCo v2) augmentation; the student embeds the first, the EMA teacher the
-second; logits = [q.k, q.queue] / tau with the positive at index 0. The keys are enqueued after the loss.
-One process: the keys' batch is shuffled for the teacher forward (MoCo's shuffle-BN), so that with split
-BatchNorm a query and its key sit in different BN groups; under torchrun each GPU's BN sees only its own
-batch and this shuffle does not cross GPUs. 1x backprop.
+second; logits = [q.k, q.queue] / tau with the positive at index 0 (kernels.infonce_loss). The keys are
+enqueued after the loss. The teacher forwards a shuffled batch (MoCo's shuffle-BN, dist.shuffled_forward):
+the global batch is permuted across ranks as the paper does it, so that a query and its key sit in different
+BN groups (in one process: different split-BN groups). The permutation comes from a generator seeded by the
+run and kept in the checkpoint, the same on every rank. 1x backprop.
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import dist
+from ..kernels import infonce_loss
 from ..models import ema_update, mlp
 from ..queue import EmbeddingQueue
 from ..views import strong
 from . import register
-from .base import Method, fp32
+from .base import Method
 
 
 @register
@@ -43,21 +46,19 @@ class MoCoV2(Method):
         self.student = nn.Sequential(backbone, mlp([backbone.out_dim, cfg.proj_hidden, cfg.proj_dim]))
         self.teacher = copy.deepcopy(self.student).requires_grad_(False)
         self.queue = EmbeddingQueue(cfg.queue_size, cfg.proj_dim, seed=cfg.seed)
-        self._keys: torch.Tensor | None = None
+        self.shuffle = torch.Generator().manual_seed(cfg.seed)  # shuffle-BN's permutations
 
     def step(self, views, progress):
         ema_update(self.teacher, self.student, self.cfg.momentum)  # before the teacher forward
         with torch.no_grad():
-            x = views["view2"]
-            order = torch.randperm(x.shape[0], device=x.device)  # shuffle-BN
-            k = F.normalize(self.teacher(x[order]).float(), dim=1)[order.argsort()]
-        q = F.normalize(self.student_forward(views["view1"]).float(), dim=1)
-        with fp32(q):
-            logits = torch.cat([(q * k).sum(1, keepdim=True), q @ self.queue.rows.T], dim=1) / self.cfg.tau_s
-            loss = F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
-        self._keys = k
+            k = dist.shuffled_forward(self.teacher, views["view2"], self.shuffle)
+        (q,) = self.student_forward(views["view1"])
+        loss = infonce_loss(q, k, self.queue.rows, self.cfg.tau_s)
+        self.queue.stage(F.normalize(k.float(), dim=1))  # after the optimiser step: not this batch's own negatives
         return loss, {}
 
-    def after_step(self):
-        self.queue.enqueue(self._keys)  # after the loss: this batch's keys are not its own negatives
-        self._keys = None
+    def get_extra_state(self) -> dict:
+        return {"shuffle": self.shuffle.get_state()}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.shuffle.set_state(state["shuffle"])

@@ -17,21 +17,19 @@ import copy
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .. import dist
-from ..kernels import sinkhorn_knopp
-from ..models import SMALL_IMAGE_MAX, ema_update, mlp
-from ..views import resa_strong, weak
+from ..kernels import resa_target, soft_cross_entropy
+from ..models import ema_update, mlp
+from ..views import is_small, resa_strong, weak
 from . import register
-from .base import Method, cosine_momentum, fp32
+from .base import Method, cosine_momentum
 
 SINKHORN_EPS, SINKHORN_ITERS = 0.05, 3
 
 
 class EncoderHead(nn.Module):
-    """Encoder, projector and predictor in one forward that returns the encoder features and the output:
-    one call per view, which is what a DDP wrapper needs to see."""
+    """Encoder, projector and predictor in one forward that returns the encoder features and the output."""
 
     def __init__(self, encoder: nn.Module, projector: nn.Module, predictor: nn.Module):
         super().__init__()
@@ -60,8 +58,8 @@ class ReSA(Method):
         super().__init__(cfg, backbone)
         hidden, dim = cfg.proj_hidden, cfg.proj_dim
         projector = mlp([backbone.out_dim, hidden, hidden, dim], hidden_bn=True, last_bn=True)
-        small = cfg.image_size <= SMALL_IMAGE_MAX  # the predictor is in the ImageNet recipe only
-        predictor = nn.Identity() if small else mlp([dim, hidden, dim], hidden_bn=True)
+        # the predictor is in the ImageNet recipe only
+        predictor = nn.Identity() if is_small(cfg.image_size) else mlp([dim, hidden, dim], hidden_bn=True)
         self.student = EncoderHead(backbone, projector, predictor)
         momentum_net = nn.Sequential(copy.deepcopy(backbone), copy.deepcopy(projector))  # encoder + projector
         self.teacher = momentum_net.requires_grad_(False)
@@ -73,17 +71,12 @@ class ReSA(Method):
         m = cosine_momentum(self.cfg.momentum, progress)
         ema_update(self.teacher, nn.Sequential(self.student.encoder, self.student.projector), m)  # before its forward
         x = (views["weak"], views["strong"])
-        online = [self.student_forward(v) for v in x]  # (features, projection) per view: BN sees one view at a time
+        online = self.student_forward(*x)  # (features, projection) per view: BN sees one view at a time
         with torch.no_grad():
             hm = [self.teacher[0](v) for v in x]
-            zm = [dist.all_gather_cat(F.normalize(self.teacher[1](h).float(), dim=1)) for h in hm]  # all columns
-            hm_weak = dist.all_gather_cat(F.normalize(hm[0].float(), dim=1))
-        z = [F.normalize(p.float(), dim=1) for _, p in online]
-        with fp32(z[0]):
-            h_weak = F.normalize(online[0][0].detach().float(), dim=1)
-            target = sinkhorn_knopp(h_weak @ hm_weak.T, SINKHORN_EPS, SINKHORN_ITERS, all_reduce=dist.all_reduce)
-            loss = (self._cross_entropy(target, z[0] @ zm[1].T) + self._cross_entropy(target, z[1] @ zm[0].T)) / 2
-        return loss, {}
-
-    def _cross_entropy(self, target: torch.Tensor, similarity: torch.Tensor) -> torch.Tensor:
-        return -(target * F.log_softmax(similarity / self.cfg.tau_s, dim=1)).sum(1).mean()
+            zm = [dist.all_gather_cat(self.teacher[1](h)) for h in hm]  # all columns (the global batch)
+            target = resa_target(online[0][0], dist.all_gather_cat(hm[0]), SINKHORN_EPS, SINKHORN_ITERS,
+                                 all_reduce=dist.all_reduce)
+        z = [p for _, p in online]
+        tau = self.cfg.tau_s
+        return (soft_cross_entropy(target, z[0], zm[1], tau) + soft_cross_entropy(target, z[1], zm[0], tau)) / 2, {}

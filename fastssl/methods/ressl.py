@@ -50,19 +50,14 @@ class ReSSL(Method):
         self.student = nn.Sequential(backbone, head)
         self.teacher = copy.deepcopy(self.student).requires_grad_(False)
         self.queue = EmbeddingQueue(cfg.queue_size, cfg.proj_dim, seed=cfg.seed)
-        self._keys: torch.Tensor | None = None
 
     def step(self, views, progress):
         ema_update(self.teacher, self.student, self.cfg.momentum)  # before the teacher forward, as the papers do
         with torch.no_grad():
             k = F.normalize(self.teacher(views["weak"]).float(), dim=1)
         crops = [views["strong"]] + [views[f"crop{i}"] for i in range(1, self.cfg.crops)]
-        qs = [F.normalize(self.student_forward(x).float(), dim=1) for x in crops]  # one forward per crop size
+        qs = [F.normalize(x.float(), dim=1) for x in self.student_forward(*crops)]  # one forward per crop size
         q = torch.stack(qs) if len(qs) > 1 else qs[0]  # [C,B,D]: the kernel streams the teacher once for all
         loss = relational_loss(q, k, self.queue.rows, self.cfg.tau_s, self.cfg.tau_t)
-        self._keys = k
+        self.queue.stage(k)  # enqueued after the optimiser step: a sample is never its own anchor
         return loss, {}
-
-    def after_step(self):
-        self.queue.enqueue(self._keys)  # after the loss: a sample is never its own anchor
-        self._keys = None
