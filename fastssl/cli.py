@@ -128,11 +128,26 @@ def eval_linear(checkpoint: Path = _CKPT, data: Optional[str] = _DATA, data_val:
     print(f"linear probe top-1 on {data}: {linear_probe(train_f, train_y, test_f, test_y, epochs=epochs, lr=lr):.2f}%")
 
 
-@app.command("convert", help="Write a data set as an FFCV .beton for --pipeline ffcv, listing unreadable images. "
+@eval_app.command("cluster", help="k-means on the frozen, L2-normalised features of the query split against its "
+                                  "classes: NMI, ARI and cluster accuracy (Hungarian matching).")
+def eval_cluster(checkpoint: Path = _CKPT, data: Optional[str] = _DATA, data_val: str = _DATA_VAL,
+                 k: Optional[int] = typer.Option(None, help="clusters (default: the number of classes)"),
+                 seed: int = typer.Option(0, help="k-means seed"), device: str = "auto", workers: int = 2,
+                 precision: str = "auto"):
+    from .evaluate import cluster_scores
+    _, _, test_f, test_y, data = _eval_features(checkpoint, data, data_val, device, workers, precision)
+    s = cluster_scores(test_f, test_y, k, seed)
+    print(f"k-means (k={s['k']}) on the query split (val/test) of {data}, {len(test_y)} images: NMI {s['nmi']:.4f}, "
+          f"ARI {s['ari']:.4f}, cluster accuracy {100 * s['acc']:.2f}%")
+
+
+@app.command("convert", help="Write a data set as an FFCV .beton for --pipeline ffcv, leaving out and listing bad "
+                              "images (the rules of `fastssl check`); unlabelled images are stored with label -1. "
                               "Example: fastssl convert imagenet --to ffcv --out imagenet_train.beton")
 def convert_command(
-        src: str = typer.Argument(..., help="fashion-mnist | cifar10 | cifar100, a folder holding one, an ImageFolder "
-                                            "root with train/ and val/, or a folder of class folders"),
+        src: str = typer.Argument(..., help="fashion-mnist | cifar10 | cifar100 | imagenet, a folder holding one, an "
+                                            "ImageFolder root with train/ and val/, a folder of class folders, or a "
+                                            "folder of images (unlabelled)"),
         to: str = typer.Option("ffcv", help="output format (ffcv)"),
         out: Optional[Path] = typer.Option(None, help="the .beton to write (default: SRC_SPLIT.beton); name the "
                                                       "splits NAME_train.beton and NAME_val.beton"),
@@ -148,6 +163,20 @@ def convert_command(
     report = convert(src, out, to=to, split=split, max_resolution=max_resolution, jpeg_quality=jpeg_quality,
                      write_mode=write_mode, compress_probability=compress_probability, workers=workers, force=force)
     print(report.summary())
+
+
+@app.command("check", help="List the bad files of a folder, by the rules `fastssl convert` leaves files out with "
+                            "(unreadable, truncated, empty, not RGB, under 8 px on a side, no image extension); exit "
+                            "status 1 when there are any. Example: fastssl check data/imagenet")
+def check_command(
+        data: str = typer.Argument(..., help="a folder of images in any layout (an ImageFolder root, class folders, "
+                                             "images at any depth), or imagenet"),
+        workers: int = typer.Option(os.cpu_count() or 1, help="worker processes")):
+    from .pipelines.convert import check_tree
+    report = check_tree(data, workers)
+    print(report.summary())
+    if report.bad:
+        raise typer.Exit(1)
 
 
 def main() -> None:

@@ -183,23 +183,25 @@ def from_dict(d: dict) -> TrainConfig:
 FIXED_ON_RESUME = ("method", "arch", "data", "batch_size", "image_size", "crops", "proj_hidden", "proj_dim",
                    "proj_bn", "queue_size", "views", "bn_splits", "sync_bn", "seed", "train_subset", "tau_s",
                    "tau_t", "momentum", "encoder_ema")
+# Settings of one command rather than of the run: a resumed run takes them from its own command line.
+PER_COMMAND = ("max_steps", "device", "workers", "resume", "auto_resume", "out")
 
 
-def resume_config(saved: dict, given: dict) -> tuple[TrainConfig, list[str]]:
-    """The resumed run's settings: the saved ones, with the options given on the command line for those that may
-    change; and a line per change. UserError for a change to a FIXED_ON_RESUME setting."""
-    cfg = from_dict(saved)
+def resume_config(saved: dict, cfg: TrainConfig, given: dict) -> tuple[TrainConfig, list[str]]:
+    """The resumed run's settings: the saved ones, this command's PER_COMMAND ones, and the options `given`
+    explicitly for the others that may change; and a line per change. UserError for a change to a
+    FIXED_ON_RESUME setting."""
+    resumed = from_dict({**saved, **{name: getattr(cfg, name) for name in PER_COMMAND}})
     changes = []
     for name, value in given.items():
-        old = getattr(cfg, name)
-        if name in ("resume", "auto_resume") or value == old:
+        old = getattr(resumed, name)
+        if name in PER_COMMAND or value == old:
             continue
         if name in FIXED_ON_RESUME:
-            raise UserError(f"cannot resume with {name}={value!r}: the run in {saved['out']} trained with "
-                            f"{name}={old!r}, which a run keeps; drop the option, or start a new run with another --out")
+            raise UserError(f"cannot resume with {name}={value!r}: the run in {cfg.out} trained with {name}={old!r}, "
+                            f"which a run keeps; drop the option, or start a new run with another --out")
         changes.append(f"{name} {old!r} -> {value!r}")
-    return dataclasses.replace(cfg, **{k: v for k, v in given.items() if k not in ("resume", "auto_resume")},
-                               resume=True), changes
+    return dataclasses.replace(resumed, **{k: v for k, v in given.items() if k not in PER_COMMAND}), changes
 
 
 def explicit(cfg: TrainConfig) -> dict:

@@ -1,16 +1,26 @@
-"""Data sets: named small sets held in memory (Fashion-MNIST, CIFAR-10/100) and ImageFolder trees.
+"""Data sets: named sets (Fashion-MNIST, CIFAR-10/100 held in memory; ImageNet found as a folder), image folders
+and FFCV .beton files.
 
-Every split is an `ImageSet`: labels plus either a uint8 [N,H,W,3] tensor (small sets, grayscale
-expanded to RGB) or a list of image files decoded on demand; a `BetonSet` is a split stored as an FFCV
-.beton by `fastssl convert`. Bad input raises `UserError` naming the path and what to do.
+Every split is an `ImageSet`: labels (-1: unlabelled) plus either a uint8 [N,H,W,3] tensor (small sets, grayscale
+expanded to RGB) or a list of image files decoded on demand; a .beton written by `fastssl convert` is a
+`fastssl.beton.BetonSet`. `--data` takes any of these layouts:
+
+- a named set: fashion-mnist, cifar10, cifar100, imagenet (looked for in $FASTSSL_DATA, ./data, ~/data);
+- an ImageFolder root: train/, and val/ or test/ (optional), each with one folder per class;
+- a folder of class folders (no train/): the whole folder is the labelled train split;
+- a folder of images (images in the folder itself, found at any depth below it): an unlabelled train split;
+- NAME_train.beton, its evaluation split NAME_val.beton (or NAME_test.beton) beside it.
+
+Bad input raises `UserError` naming the path and what to do.
 """
 
 from __future__ import annotations
 
+import functools
 import gzip
-import json
 import os
 import pickle
+import random
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -21,10 +31,15 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_datas
 from torchvision.transforms.v2.functional import pil_to_tensor
 
 from .errors import UserError
-from .views import IMAGENET_MEAN, IMAGENET_STD
+from .views import IMAGENET_MEAN, IMAGENET_STD, SMALL_IMAGE_MAX
 
 FASHION_MNIST_DEBIAN = Path("/usr/share/datasets/fashion-mnist")
-NAMED = ("fashion-mnist", "cifar10", "cifar100")
+IN_MEMORY = ("fashion-mnist", "cifar10", "cifar100")
+NAMED = (*IN_MEMORY, "imagenet")
+FOLDERS = {"fashion-mnist": "fashion-mnist", "cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python",
+           "imagenet": "imagenet"}  # each named set's folder under $FASTSSL_DATA, ./data, ~/data
+SPLIT_DIRS = ("train", "val", "test")  # what makes a folder an ImageFolder root
+PROBED = 64  # image files whose headers give a folder's native size
 # Per-channel mean/std of each named set's training images (Fashion-MNIST is gray, repeated on 3 channels).
 STATS = {
     "fashion-mnist": ((0.2860,) * 3, (0.3530,) * 3),
@@ -34,6 +49,15 @@ STATS = {
 }
 
 
+class UnreadableImage(UserError):
+    """An image file PIL cannot decode; `path` names it (the torch pipeline replaces such samples). Built from the
+    message alone too, as torch re-raises a DataLoader worker's exception."""
+
+    def __init__(self, message: str, path: str = ""):
+        super().__init__(message)
+        self.path = path
+
+
 @dataclass
 class ImageSet:
     """One split: `labels` [N] int64 and either `images` uint8 [N,H,W,3] or `files` (paths)."""
@@ -41,10 +65,16 @@ class ImageSet:
     kind: str  # a key of STATS
     root: str
     split: str
-    classes: list[str]
+    classes: list[str]  # [] when unlabelled
     labels: torch.Tensor
     images: torch.Tensor | None = None
     files: list[str] | None = None
+    # files whose headers give native_size: drawn once from the whole split, so that its subsets keep its size
+    sample: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.files is not None and not self.sample:
+            self.sample = tuple(random.Random(0).sample(self.files, min(PROBED, len(self.files))))
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -60,8 +90,17 @@ class ImageSet:
 
     @property
     def native_size(self) -> int | None:
-        """Side of the stored images for in-memory sets; None for files (sizes vary)."""
-        return self.images.shape[1] if self.images is not None else None
+        """The side to train at when the images are small (<= 64 px): the stored side of in-memory sets, the largest
+        side of a sample of image files; None for larger images (the trainer then uses 224)."""
+        return self.images.shape[1] if self.images is not None else probe_side(self.sample)
+
+    @property
+    def size_note(self) -> str:
+        """Where native_size comes from, for the trainer's banner."""
+        if self.images is not None:
+            return "the images' own side"
+        return (f"the largest side of {len(self.sample)} sampled images" if self.native_size else
+                f"the default: sampled images exceed {SMALL_IMAGE_MAX} px")
 
     @property
     def mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -76,8 +115,8 @@ class ImageSet:
             with Image.open(path) as img:
                 return pil_to_tensor(img.convert("RGB"))
         except (OSError, SyntaxError, ValueError) as e:  # what PIL raises for unreadable files
-            raise UserError(f"cannot decode image {path} ({str(e).splitlines()[0]}); remove or replace it, "
-                            f"or convert the set with `fastssl convert`, which skips and lists bad files") from None
+            raise UnreadableImage(f"cannot decode image {path} ({str(e).splitlines()[0]}); remove or replace it "
+                                  f"(`fastssl check {self.root}` lists every bad file)", path) from None
 
     def subset(self, n: int, seed: int = 0) -> "ImageSet":
         """A fixed random subset of n samples (all of them if n <= 0 or n >= len)."""
@@ -91,65 +130,71 @@ class ImageSet:
                        files=None if self.files is None else [self.files[i] for i in idx.tolist()])
 
 
-@dataclass
-class BetonSet(ImageSet):
-    """A split stored as an FFCV .beton (`fastssl convert`): `root` is the file, `rows` each sample's row in it.
-    Training reads it with --pipeline ffcv, evaluation with an FFCV centre-crop decoder."""
-
-    rows: torch.Tensor | None = None
-    side: int | None = None  # the stored side of a set converted from a named set (None: sizes vary)
-
-    @property
-    def native_size(self) -> int | None:
-        return self.side
-
-    def read(self, i: int) -> torch.Tensor:
-        raise UserError(f"{self.root} is an FFCV .beton: train on it with --pipeline ffcv")
-
-    def take(self, idx: torch.Tensor) -> "BetonSet":
-        return replace(super().take(idx), rows=self.rows[idx])
+@functools.lru_cache(maxsize=8)
+def probe_side(files: tuple[str, ...]) -> int | None:
+    """The longest side of `files` when none exceeds 64 px, else None. Reads the headers only (PIL decodes
+    nothing until asked); a file it cannot open is left out of the count."""
+    longest = 0
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                longest = max(longest, *im.size)
+        except (OSError, SyntaxError, ValueError):
+            continue
+        if longest > SMALL_IMAGE_MAX:
+            return None
+    return longest or None
 
 
 def load(data: str, split: str = "train") -> ImageSet:
-    """`data` is a named set (fashion-mnist, cifar10, cifar100) or a directory; split is train or test.
-
-    A directory may hold Fashion-MNIST IDX files, CIFAR python batches, or an ImageFolder tree with
-    train/ and val/ (or test/) class-per-folder subdirectories. A .beton file is the train split; its test
-    split is the file of the same name with val (or test) in place of train, beside it.
-    """
+    """Split train or test of `data`: a named set, a folder (see the module's docstring) or a .beton. The test split
+    of a folder is its val/ (else test/), of NAME_train.beton the NAME_val.beton (else NAME_test.beton) beside it."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be train or test, got {split!r}")
     name = data.lower()
-    if name in NAMED:
-        return _load_named(name, _find_named(name), split)
+    if name in IN_MEMORY:
+        return _load_named(name, find_named(name), split)
+    root = find_named(name) if name in NAMED else existing(data)
+    if root.suffix == ".beton":
+        from . import beton
+        return beton.load(root, split)
+    kind = detect(root)
+    if kind in IN_MEMORY:
+        return _load_named(kind, root, split)
+    return folder_set(split_folder(root, split), str(root), split)
+
+
+def existing(data: str, option: str = "data path") -> Path:
+    """`data` as a path to a directory or a .beton, or a one-line error naming it (`option`: what gave it)."""
     root = Path(data).expanduser()
     if not root.exists():
-        raise UserError(f"data path {data} does not exist; pass an ImageFolder root (with train/ and val/) "
-                        f"or one of: {', '.join(NAMED)}")
-    if root.suffix == ".beton":
-        return _load_beton(root, split)
-    if not root.is_dir():
-        raise UserError(f"data path {data} is a file; pass a directory, or a .beton written by `fastssl convert`")
-    kind = detect(root)
-    return _load_named(kind, root, split) if kind in NAMED else _load_folder(root, split)
+        raise UserError(f"{option} {data} does not exist; pass an ImageFolder root (with train/ and val/), a folder "
+                        f"of class folders or of images, a .beton, or one of: {', '.join(NAMED)}")
+    if not root.is_dir() and root.suffix != ".beton":
+        raise UserError(f"{option} {data} is a file; pass a directory, or a .beton written by `fastssl convert`")
+    return root
 
 
-def _find_named(name: str) -> Path:
-    folder = {"fashion-mnist": "fashion-mnist", "cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}[name]
-    candidates = [Path(os.environ.get("FASTSSL_DATA", "data")) / folder, Path("data") / folder,
-                  Path.home() / "data" / folder]
+def find_named(name: str) -> Path:
+    """A named set's folder: the first of $FASTSSL_DATA/<folder>, ./data/<folder>, ~/data/<folder> that holds it
+    (for Fashion-MNIST, Debian's dataset-fashion-mnist first)."""
+    folder = FOLDERS[name]
+    bases = [Path(os.environ["FASTSSL_DATA"])] if os.environ.get("FASTSSL_DATA") else []
+    candidates = [base / folder for base in (*bases, Path("data"), Path.home() / "data")]
     if name == "fashion-mnist":
         candidates.insert(0, FASHION_MNIST_DEBIAN)
     for c in candidates:
-        if c.is_dir() and detect(c) == name:
+        if c.is_dir() and (detect(c) == name if name in IN_MEMORY else (c / "train").is_dir()):
             return c
-    hint = ("`apt-get install dataset-fashion-mnist`, or pass its folder as --data" if name == "fashion-mnist"
-            else f"pass the folder holding the python batches as --data (e.g. --data path/to/{folder})")
+    hint = {"fashion-mnist": "`apt-get install dataset-fashion-mnist`, or pass its folder as --data",
+            "imagenet": "put the ImageFolder tree (train/ and val/, one folder per class) in one of them, set "
+                        "FASTSSL_DATA to the folder holding imagenet/, or pass the tree's folder as --data"
+            }.get(name, f"pass the folder holding the python batches as --data (e.g. --data path/to/{folder})")
     raise UserError(f"{name} not found in {', '.join(str(c) for c in candidates)}; {hint}")
 
 
 def detect(root: Path) -> str:
-    """What a folder holds: one of NAMED (by its files), else "imagefolder"."""
+    """What a folder holds: one of IN_MEMORY (by its files), else "imagefolder"."""
     names = {p.name for p in root.iterdir()}
     if {"train-images-idx3-ubyte.gz", "train-images-idx3-ubyte"} & names:
         return "fashion-mnist"
@@ -209,79 +254,99 @@ def _unpickle(path: Path) -> dict:
         raise UserError(f"{path} is not a CIFAR python batch ({e}); re-extract the archive") from None
 
 
-def _load_folder(root: Path, split: str) -> ImageSet:
-    return folder_set(split_folder(root, split), str(root), split)
+def is_image_file(path: str | Path) -> bool:
+    """Whether the file's extension is an image's (torchvision's list, any case)."""
+    return str(path).lower().endswith(IMG_EXTENSIONS)
+
+
+def files_under(folder: Path) -> list[str]:
+    """Every file below `folder`, at any depth (through links, as ImageFolder lists), sorted."""
+    return sorted(os.path.join(d, f) for d, _, names in os.walk(folder, followlinks=True) for f in names)
+
+
+def has_splits(root: Path) -> bool:
+    """Whether `root` is an ImageFolder root: it holds train/, val/ or test/."""
+    return any((root / name).is_dir() for name in SPLIT_DIRS)
+
+
+def _holds_images(folder: Path) -> bool:
+    """Images in the folder itself (a folder of images) rather than only in subfolders (class folders)."""
+    return any(p.is_file() and is_image_file(p) for p in folder.iterdir())
 
 
 def split_folder(root: Path, split: str) -> Path:
-    """An ImageFolder root's folder of class folders for split: train/, or val/ (else test/) for test."""
+    """The folder holding `split` of a directory: train/ (for test: val/, else test/) of an ImageFolder root; for
+    train, a folder without them holding class folders or images is the split itself."""
     names = ("train",) if split == "train" else ("val", "test")
     sub = next((root / n for n in names if (root / n).is_dir()), None)
-    if sub is None:
-        raise UserError(f"{root} has no {' or '.join(n + '/' for n in names)} folder; an ImageFolder root holds "
-                        f"train/ and val/, each with one folder per class")
-    return sub
+    if sub is not None:
+        return sub
+    if split == "train" and not has_splits(root) and any(p.is_dir() or is_image_file(p) for p in root.iterdir()):
+        return root
+    if split == "train":
+        raise UserError(f"{root} has no train/ folder, class folders or images; pass an ImageFolder root (train/ "
+                        f"and val/, one folder per class), a folder of class folders, or a folder of images")
+    raise UserError(f"{root} has no val/ or test/ folder; an ImageFolder root holds train/ and val/, each with one "
+                    f"folder per class")
 
 
 def folder_set(folder: Path, root: str, split: str) -> ImageSet:
-    """The images in folder/<class>/... (files with an image extension), labelled by sorted class name."""
+    """The images of a split's folder: labelled by sorted class name when they sit in class folders
+    (folder/<class>/...); unlabelled (-1, no classes) when the folder itself holds images, then taken at any depth."""
+    if _holds_images(folder):
+        files = [f for f in files_under(folder) if is_image_file(f)]
+        return ImageSet("imagefolder", root, split, [], torch.full((len(files),), -1), files=files)
     try:
         classes, class_to_idx = find_classes(str(folder))
         samples = make_dataset(str(folder), class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
     except FileNotFoundError:
-        raise UserError(f"{folder} has no class folders; put images in {folder}/<class>/...") from None
+        raise UserError(f"{folder} has no class folders or images; put images in {folder}/<class>/... (labelled) "
+                        f"or in {folder} itself (unlabelled)") from None
     if not samples:
         raise UserError(f"no images found under {folder} (looked for {', '.join(IMG_EXTENSIONS)})")
     files, labels = zip(*samples)
     return ImageSet("imagefolder", root, split, classes, torch.tensor(labels, dtype=torch.int64), files=list(files))
 
 
-def beton_info_path(beton: Path) -> Path:
-    """The JSON written beside a .beton by `fastssl convert`: source, kind, classes, bad and skipped files."""
-    return beton.with_name(beton.name + ".json")
-
-
-def _beton_split(beton: Path, split: str) -> Path:
-    """The file holding `split`: the given one for train; for test, its name with val (or test) for train."""
-    if split == "train":
-        return beton
-    head, found, tail = beton.name.rpartition("train")
-    if not found:
-        raise UserError(f"cannot tell where the test split of {beton} is: name the files NAME_train.beton and "
-                        f"NAME_val.beton, side by side (`fastssl convert SRC --split val`)")
-    candidates = [beton.with_name(f"{head}{name}{tail}") for name in ("val", "test")]
-    for c in candidates:
-        if c.is_file():
-            return c
-    raise UserError(f"no test split beside {beton} (looked for {candidates[0].name} and {candidates[1].name}); "
-                    f"write it with `fastssl convert SRC --split val --out {candidates[0]}`")
-
-
-def _load_beton(beton: Path, split: str) -> BetonSet:
-    path = _beton_split(beton, split)
-    from .pipelines.common import optional
-    try:
-        reader = optional("ffcv.reader", "ffcv").Reader(str(path))
-    except (AssertionError, ValueError, IndexError, OSError) as e:
-        raise UserError(f"{path} is not a readable FFCV file ({e}); write it again with `fastssl convert`") from None
-    if not {"image", "label"} <= set(reader.field_names):
-        raise UserError(f"{path} has fields {reader.field_names}, not image and label; write it with `fastssl convert`")
-    labels = torch.from_numpy(reader.metadata[f"f{reader.field_names.index('label')}"].astype(np.int64))
-    info_path = beton_info_path(path)
-    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
-    classes = info.get("classes") or [str(c) for c in range(int(labels.max()) + 1 if len(labels) else 0)]
-    return BetonSet(info.get("kind", "imagefolder"), str(path), split, classes, labels,
-                    rows=torch.arange(len(labels)), side=info.get("side"))
-
-
 def eval_split(data: str, data_val: str = "") -> tuple[ImageSet | None, str]:
-    """The labelled split that the kNN monitor and `fastssl eval` query: --data-val, else the test split beside
-    --data. (None, why) when there is none."""
+    """The labelled split that the kNN monitor and `fastssl eval` query: the one --data-val names, else the one
+    beside --data; (None, why) when there is none or it has no labels ('--data-val none': no split). A --data-val
+    that does not exist, or an unreadable file, is an error."""
     if data_val.lower() == "none":
         return None, "--data-val none"
-    if data_val:
-        return load(data_val, "test"), ""
-    try:
+    queries, why = (_given_split(data_val), "") if data_val else _split_beside(data)
+    if queries is not None and not queries.labelled:
+        return None, f"no labels in the evaluation split of {queries.root}"
+    return queries, why
+
+
+def _given_split(data_val: str) -> ImageSet:
+    """The split --data-val names: a named set's test split, an ImageFolder root's val/ (else test/), a folder of
+    class folders (or images) whole, a .beton itself."""
+    if data_val.lower() in NAMED:
+        return load(data_val, "test")
+    root = existing(data_val, "--data-val")
+    if root.suffix == ".beton":
+        from . import beton
+        return beton.read(root, "test")
+    if detect(root) in IN_MEMORY:
+        return load(data_val, "test")
+    return folder_set(split_folder(root, "test") if has_splits(root) else root, str(root), "test")
+
+
+def _split_beside(data: str) -> tuple[ImageSet | None, str]:
+    """The evaluation split beside --data: a named set's test split, NAME_val.beton (else NAME_test.beton) beside
+    NAME_train.beton, the val/ (else test/) folder of an ImageFolder root or beside a train/ folder passed itself."""
+    name = data.lower()
+    if name in IN_MEMORY:
         return load(data, "test"), ""
-    except UserError as e:
-        return None, str(e)
+    root = find_named(name) if name in NAMED else existing(data)
+    if root.suffix == ".beton":
+        from . import beton
+        path, why = beton.eval_path(root)
+        return (beton.read(path, "test") if path else None), why
+    if detect(root) in IN_MEMORY:
+        return load(data, "test"), ""
+    base = root.parent if root.name == "train" and not has_splits(root) else root
+    folder = next((base / n for n in ("val", "test") if (base / n).is_dir()), None)
+    return (folder_set(folder, str(base), "test"), "") if folder else (None, f"no val/ or test/ folder in {base}")

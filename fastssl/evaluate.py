@@ -1,4 +1,5 @@
-"""Frozen-encoder evaluation: feature extraction, weighted kNN (InstDisc style) and a linear probe.
+"""Frozen-encoder evaluation: feature extraction, weighted kNN (InstDisc style), a linear probe and clustering
+quality (k-means against the classes: NMI, ARI, cluster accuracy).
 
 Functions of tensors and of batches of images: where the batches come from (a pipeline's evaluation reader)
 is the caller's business.
@@ -103,3 +104,32 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
     with torch.no_grad():
         pred = clf(test_x).argmax(1).cpu()
     return 100.0 * (pred == test_y.cpu()).float().mean().item()
+
+
+KMEANS_INITS = 10  # k-means++ restarts, fixed (scikit-learn's "auto" would pick 1): the best of 10 by inertia
+
+
+def assignment_scores(labels, clusters) -> dict:
+    """NMI, ARI and cluster accuracy (fractions) of a clustering against the classes. Accuracy: the share of
+    samples whose cluster is matched to their class by the best one-to-one matching (Hungarian); with more clusters
+    than classes the unmatched clusters count as wrong."""
+    import numpy as np
+    from scipy.optimize import linear_sum_assignment
+    from sklearn.metrics import adjusted_rand_score, confusion_matrix, normalized_mutual_info_score
+    labels, clusters = np.asarray(labels), np.asarray(clusters)
+    counts = confusion_matrix(clusters, labels)  # [cluster, class] over the union of both ids
+    rows, cols = linear_sum_assignment(counts, maximize=True)
+    return {"nmi": float(normalized_mutual_info_score(labels, clusters)),
+            "ari": float(adjusted_rand_score(labels, clusters)),
+            "acc": float(counts[rows, cols].sum() / len(labels))}
+
+
+def cluster_scores(features: torch.Tensor, labels: torch.Tensor, k: int | None = None, seed: int = 0) -> dict:
+    """Clustering quality of frozen features (ReSA's lens): k-means on the L2-normalised features, k = the number of
+    classes by default, scored against the classes by `assignment_scores`."""
+    from sklearn.cluster import KMeans
+    labels = labels.cpu().numpy()
+    k = k or len(set(labels.tolist()))
+    x = F.normalize(features.float(), dim=1).cpu().numpy()
+    clusters = KMeans(n_clusters=k, n_init=KMEANS_INITS, random_state=seed).fit_predict(x)
+    return {**assignment_scores(labels, clusters), "k": k}

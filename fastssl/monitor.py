@@ -48,8 +48,9 @@ class KnnMonitor:
         self.seconds = 0.0
 
     def describe(self, train_images: int, every: int, auto: bool) -> str:
+        when = f"every {every} epoch(s)" if every else "at the end"
         return (f"kNN monitor (k={self.k}, T={self.t:g}): bank {len(self.bank)} of {train_images} train images, "
-                f"{len(self.queries)} queries from {self.queries.root}, every {every} epoch(s)"
+                f"{len(self.queries)} queries from {self.queries.root}, {when}"
                 f"{' (auto: ~5% of the time)' if auto and every > 1 else ''}")
 
     def _features(self, encoder: nn.Module, name: str) -> torch.Tensor:

@@ -186,7 +186,7 @@ def _resume(cfg: TrainConfig, given: dict) -> tuple[TrainConfig, dict | None, Pa
     out = Path(cfg.out)
     if cfg.resume or (cfg.auto_resume and checkpoint.has_run(out)):
         state, path = checkpoint.load_run(out)
-        cfg, changes = resume_config(state["config"], {**given, "out": cfg.out})
+        cfg, changes = resume_config(state["config"], cfg, given)
         return cfg, state, path, changes
     if checkpoint.has_run(out):
         raise UserError(f"{out} already holds a run ({out / checkpoint.LATEST}); continue it with --resume, or pass "
@@ -203,12 +203,14 @@ def setup(cfg: TrainConfig, given: dict | None = None) -> Run:
     rank, world = dist.rank(), dist.world_size()
     if cfg.batch_size % world:
         raise UserError(f"batch size {cfg.batch_size} is not divisible by the {world} processes")
+    if cfg.sync_bn and world > 1 and device.type != "cuda":
+        raise UserError("--sync-bn needs GPUs (torch's SyncBatchNorm runs on CUDA only); on CPUs split BN (--bn-splits) "
+                        "gives each process's share of the batch its own statistics")
     precision = pick_precision(cfg.precision, device)
 
     train_set = data.load(cfg.data, "train").subset(cfg.train_subset, cfg.seed)
     size, size_from = ((cfg.image_size, "as set") if cfg.image_size else
-                       (train_set.native_size, "the images' own side") if train_set.native_size else
-                       (224, "the default above 64 px"))
+                       (train_set.native_size or 224, train_set.size_note))
     cfg, method = build_method(dataclasses.replace(cfg, image_size=size), bn_groups(cfg, world))
     method.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
     if world > 1:
@@ -286,7 +288,7 @@ def save(run: Run, loss_sum: torch.Tensor) -> None:
     a good checkpoint."""
     dist.average_batchnorm_statistics(run.method)
     state = run.state()
-    tensors = [t for t in state["method"].values() if t.is_floating_point()]
+    tensors = [t for t in state["method"].values() if isinstance(t, torch.Tensor) and t.is_floating_point()]
     finite = torch.stack([loss_sum.isfinite(), *[t.isfinite().all() for t in tensors]]).all().float()
     if dist.all_reduce(finite).item() < dist.world_size():
         raise _non_finite(run, f"in the steps before step {run.step}")

@@ -10,7 +10,8 @@ from typing import Iterable
 
 import torch
 
-from fastssl.data import BetonSet, ImageSet
+from fastssl.beton import BetonSet
+from fastssl.data import ImageSet
 from fastssl.errors import UserError
 from fastssl.views import ViewSpec
 

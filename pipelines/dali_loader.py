@@ -1,191 +1,289 @@
 """DALI pipeline: one graph decodes each image once and makes every view from that decode.
 
-Image folders are read by DALI's file reader: sharded by rank, the whole set reshuffled every epoch, each
-shard padded to whole batches and the padded batch dropped, so every rank yields the same len(loader)
-batches an epoch and no sample twice. The named in-memory sets come in through external_source, batch by
-batch in the order of common.epoch_indices (exact epochs, exact resume). Decoding is nvJPEG ("mixed") on
-CUDA and every op after it runs on the GPU; with no GPU the same graph runs CPU-only (device_id=None).
+What runs where. Python (the loader's thread, a small pool reading files) picks the samples of each batch in
+the shared order (common.epoch_indices: global batches, this rank's slice), reads them (image files: the encoded
+bytes and, from the header alone, the size; in-memory sets: the uint8 HWC arrays) and draws every random
+parameter of every view with device_augment.sample_params, keyed by sample (common.SampleRandom), as --pipeline
+tensor draws them. All of it enters the graph through one external_source, the parameters as
+per-sample arguments, so DALI draws nothing and the pipeline keeps no state: a sample's views are the same
+whatever its batch, rank or resume point, and a pipeline is built afresh for every epoch (and after a failed
+batch). The graph decodes (nvJPEG, "mixed", on CUDA, every op after it on the GPU; with no GPU the same graph
+runs CPU-only, device_id=None), then for each view:
+    resize of the crop box (ROI, antialiased) -> color_twist (jitter; grayscale as saturation 0)
+    -> gaussian_blur (window 1 where off) -> solarize -> crop_mirror_normalize (flip, mean/std, float,
+    NHWC memory = the trainer's channels_last)
+Where DALI differs from torchvision: color_twist applies brightness, contrast, saturation and hue in one fixed
+order (torchvision draws an order per image; the order drawn is unused here), contrast pivots around mid-grey
+(torchvision: the image's mean grey), hue is a rotation about the grey axis (a linear approximation of HSV's),
+the blur kernel is cut at 3 sigma, the crop's resampling reads pixels just outside the box (torchvision crops
+first) and the resampling and grey weights differ slightly. Images are decoded as stored, without EXIF rotation,
+as PIL reads them. Rates, ranges and crop boxes are the spec's, drawn as the other pipelines draw them.
 
-A ViewSpec compiles to DALI ops with per-sample random arguments, each op gated by a per-sample coin drawn
-with the spec's probability (a gated-off sample gets the op's identity arguments):
-    random_resized_crop -> color_twist (jitter; grayscale as saturation 0) -> gaussian_blur -> solarize
-    -> crop_mirror_normalize (flip, mean/std, float, NHWC memory = the trainer's channels_last)
-Where DALI differs from torchvision: color_twist applies brightness, contrast, saturation and hue in one
-fixed order (torchvision draws an order per image), contrast pivots around mid-grey (torchvision: the
-image's mean grey), the blur kernel is cut at 3 sigma, and resampling and grey weights differ slightly.
-Rates and factor ranges are the spec's.
+DALI fails a whole batch when a file cannot be decoded. The loader then finds the batch's unreadable files
+(convert.check_image), gives each such slot the next readable sample of the set (the slot's own draws, that
+image and label), reruns the batch on a new pipeline and reports the files in the batch's "bad_files"; the
+trainer decides whether to go on. Files whose header PIL cannot read are found, and replaced, before DALI sees
+them. A failure with no unreadable file in the batch is a one-line UserError.
 """
 
 from __future__ import annotations
 
-import contextlib
+import io
+from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import torch
+from PIL import Image
 
 from fastssl.data import ImageSet
 from fastssl.errors import UserError
+from fastssl.extras import optional
 from fastssl.views import ViewSpec
 
-from .common import epoch_indices, optional, sample_seed
-from .device_augment import jitter_ranges
+from .common import Loader, Shard
+from .device_augment import sample_params
 
 optional("nvidia.dali", "dali")  # a one-line error naming the extra when DALI is missing
 from nvidia.dali import fn, pipeline_def, types  # noqa: E402
-from nvidia.dali import math as dmath  # noqa: E402
-from nvidia.dali.plugin.base_iterator import LastBatchPolicy  # noqa: E402
 from nvidia.dali.plugin.pytorch import DALIGenericIterator  # noqa: E402
 
-READER = "reader"
 # nvJPEG's buffers sized for ImageNet up front (DALI's ResNet-50 example), so they are not regrown mid-epoch.
 MIXED_DECODER_PADDING = {"device_memory_padding": 211_025_920, "host_memory_padding": 140_544_512}
 
 
-def _coin(p: float):
-    """A per-sample 0/1 (float) that is 1 with probability p."""
-    return fn.cast(fn.random.coin_flip(probability=p), dtype=types.FLOAT)
+def _decode(encoded, gpu: bool):
+    return fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB,
+                             adjust_orientation=False, **(MIXED_DECODER_PADDING if gpu else {}))
 
 
-def _factor(on, lo: float, hi: float, identity: float):
-    """A per-sample factor uniform in [lo, hi] where `on`, `identity` elsewhere."""
-    if lo == hi:
-        return identity + on * (lo - identity)
-    return identity + on * (fn.random.uniform(range=[lo, hi]) - identity)
-
-
-def _color_twist(x, spec: ViewSpec):
-    """Jitter with probability jitter_p, then grayscale with probability grayscale_p, as one color_twist."""
-    on = _coin(spec.jitter_p)
-    (b_lo, b_hi), (c_lo, c_hi), (s_lo, s_hi), (h_lo, h_hi) = jitter_ranges(spec.jitter)
-    saturation = _factor(on, s_lo, s_hi, 1.0)
-    if spec.grayscale_p:  # color_twist desaturates before brightness and contrast, which keep grey grey
-        saturation = saturation * (1 - _coin(spec.grayscale_p))
-    x = fn.color_twist(x, brightness=_factor(on, b_lo, b_hi, 1.0), contrast=_factor(on, c_lo, c_hi, 1.0),
-                       saturation=saturation, hue=_factor(on, h_lo * 360, h_hi * 360, 0.0),  # turns -> degrees
-                       dtype=types.FLOAT)
-    # Written as float, color_twist runs 3x faster on CPU than writing uint8 itself; the cast saturates and rounds.
-    return fn.cast(x, dtype=types.UINT8)
-
-
-def _view(images, spec: ViewSpec, gpu: bool, channels_last: bool):
-    """One view of uint8 HWC images: float [H,W,3] (channels_last) or [3,H,W] per sample, normalised."""
-    x = fn.random_resized_crop(images, size=[spec.size, spec.size], random_area=list(spec.crop_scale),
-                               random_aspect_ratio=list(spec.crop_ratio), num_attempts=10, antialias=True)
+def view_inputs(spec: ViewSpec) -> list[str]:
+    """The per-sample inputs of a view's ops, in the order the feed gives them."""
+    names = ["roi_start", "roi_end", "mirror"]
     if spec.jitter_p or spec.grayscale_p:
-        x = _color_twist(x, spec)
+        names += ["brightness", "contrast", "saturation", "hue"]
+    if spec.blur_p:
+        names += ["sigma", "window"]
+    if spec.solarize_p:
+        names.append("solarize")
+    return names
+
+
+def inputs_of(spec: ViewSpec, p: dict[str, torch.Tensor]) -> list[np.ndarray]:
+    """sample_params' draws as the arrays of view_inputs(spec)."""
+    x0, y0, w, h = p["boxes"].unbind(1)
+    out = {"roi_start": torch.stack([y0, x0], 1), "roi_end": torch.stack([y0 + h, x0 + w], 1),
+           "mirror": p["flip"].int()}
+    if spec.jitter_p or spec.grayscale_p:
+        jitter = p.get("jitter", torch.tensor([[1.0, 1.0, 1.0, 0.0]]).expand(len(x0), 4))
+        out["brightness"], out["contrast"], saturation, out["hue"] = jitter.unbind(1)
+        # grayscale (after jitter in torchvision) as saturation 0: brightness and contrast treat every channel
+        # alike, so they keep grey grey whichever comes first
+        out["saturation"] = saturation * ~p["gray"] if "gray" in p else saturation
+        out["hue"] = out["hue"] * 360  # turns -> degrees
     if spec.blur_p:
         # The spec's kernel cut at 3 sigma (DALI's default window): what that leaves out is < 0.2% of the kernel's
         # weight, and the blur, the costliest op on CPU, runs 2-3x faster. A window of 1 leaves a sample untouched.
-        sigma = fn.random.uniform(range=list(spec.blur_sigma))
-        radius = dmath.min(dmath.ceil(3 * sigma), (spec.blur_kernel - 1) // 2)
-        window = fn.cast(_coin(spec.blur_p) * 2 * radius + 1, dtype=types.INT32)
-        x = fn.gaussian_blur(x, window_size=window, sigma=sigma)
-    if spec.solarize_p:  # 255 - x == x ^ 255 on uint8: flip every bit where the pixel is >= threshold
-        coin = fn.random.coin_flip(probability=spec.solarize_p, dtype=types.UINT8)
-        mask = (x >= round(spec.solarize_threshold * 255)) * (coin.gpu() if gpu else coin)
+        radius = (3 * p["sigma"]).ceil().clamp(max=(spec.blur_kernel - 1) // 2)
+        out["sigma"], out["window"] = p["sigma"], torch.where(p["blur"], 2 * radius + 1, 1).int()
+    if spec.solarize_p:
+        out["solarize"] = p["solarize"].to(torch.uint8)
+    return [np.ascontiguousarray(out[name].float() if out[name].is_floating_point() else out[name])
+            for name in view_inputs(spec)]
+
+
+def _view(images, spec: ViewSpec, a: dict, gpu: bool, channels_last: bool):
+    """One view of uint8 HWC images with its per-sample inputs `a`: float [H,W,3] or [3,H,W] per sample."""
+    x = fn.resize(images, roi_start=a["roi_start"], roi_end=a["roi_end"], roi_relative=False,
+                  size=[spec.size, spec.size], antialias=True)
+    if "hue" in a:
+        x = fn.color_twist(x, brightness=a["brightness"], contrast=a["contrast"], saturation=a["saturation"],
+                           hue=a["hue"], dtype=types.FLOAT)
+        # Written as float, color_twist runs 3x faster on CPU than writing uint8 itself; the cast saturates and rounds.
+        x = fn.cast(x, dtype=types.UINT8)
+    if "sigma" in a:
+        x = fn.gaussian_blur(x, window_size=a["window"], sigma=a["sigma"])
+    if "solarize" in a:  # 255 - x == x ^ 255 on uint8: flip every bit where the pixel is >= threshold
+        mask = (x >= round(spec.solarize_threshold * 255)) * (a["solarize"].gpu() if gpu else a["solarize"])
         x = x ^ fn.cast(mask * 255, dtype=types.UINT8)
     return fn.crop_mirror_normalize(x, dtype=types.FLOAT, output_layout="HWC" if channels_last else "CHW",
                                     mean=[255 * m for m in spec.mean], std=[255 * s for s in spec.std],
-                                    mirror=fn.random.coin_flip(probability=spec.flip_p))
+                                    mirror=a["mirror"])
 
 
-def views_graph(views: list[ViewSpec], gpu: bool, channels_last: bool, files=None, labels=None, feed=None,
-                rank: int = 0, world: int = 1, shuffle_seed: int = 0):
-    """Outputs: one float view per spec, then the labels. Reads `files` (with `labels`) or calls `feed`."""
-    if feed is None:
-        encoded, label = fn.readers.file(files=files, labels=labels, shard_id=rank, num_shards=world,
-                                         shuffle_after_epoch=True, shuffle_after_epoch_seed=shuffle_seed,
-                                         pad_last_batch=True, name=READER)
-        images = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB,
-                                   **(MIXED_DECODER_PADDING if gpu else {}))
-    else:
-        images, label = fn.external_source(source=feed, num_outputs=2, batch=True, batch_info=True,
-                                           layout=["HWC", ""], dtype=[types.UINT8, types.INT64])
-        images = images.gpu() if gpu else images
-    return (*[_view(images, spec, gpu, channels_last) for spec in views], label)
+def views_graph(views: list[ViewSpec], gpu: bool, channels_last: bool, files: bool, feed):
+    """Outputs: one float view per spec, then the labels. `feed(batch_info)` gives the encoded files (`files`) or
+    the uint8 HWC images, the labels, then each view's view_inputs."""
+    names = [view_inputs(spec) for spec in views]
+    n = sum(map(len, names))
+    images, label, *inputs = fn.external_source(source=feed, num_outputs=2 + n, batch=True, batch_info=True,
+                                                layout=["" if files else "HWC"] + [""] * (1 + n))
+    images = _decode(images, gpu) if files else images.gpu() if gpu else images
+    out = []
+    for spec, keys in zip(views, names):
+        out.append(_view(images, spec, dict(zip(keys, inputs)), gpu, channels_last))
+        inputs = inputs[len(keys):]
+    return (*out, label)
 
 
 views_pipeline = pipeline_def(views_graph)
 
 
-class _Feed:
-    """external_source callback for in-memory sets: batch `iteration` of the current epoch's order."""
+def _read(path: str) -> tuple[np.ndarray, tuple[int, int] | None]:
+    """A file's bytes and the (height, width) its header gives, without decoding (None: PIL cannot read it)."""
+    data = np.fromfile(path, dtype=np.uint8)
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return data, (im.height, im.width)
+    except (OSError, SyntaxError, ValueError):  # what PIL raises for files it cannot read
+        return data, None
 
-    def __init__(self, images: ImageSet):
-        self.images, self.labels = images.images.numpy(), images.labels.numpy()
-        self.batches = torch.empty(0, 0, dtype=torch.int64)  # [batches, batch size] sample indices
 
-    def __call__(self, info):
-        if info.iteration >= len(self.batches):
+def eval_graph(size: int, gpu: bool, feed):
+    """uint8 [3,size,size] per sample: `feed(batch_info)` gives the encoded files, each one's resized (height,
+    width) and the corner of its centre crop."""
+    encoded, resized, corner = fn.external_source(source=feed, num_outputs=3, batch=True, batch_info=True)
+    x = fn.resize(_decode(encoded, gpu), size=resized, antialias=True)
+    x = fn.slice(x, start=corner, shape=[size, size], axis_names="HW")
+    return fn.transpose(x, perm=[2, 0, 1])
+
+
+eval_pipeline = pipeline_def(eval_graph)
+
+
+def _failure(root: str, error: RuntimeError, checked: bool = False) -> UserError:
+    """DALI's failure as one line that says what to do; `checked`: PIL reads every file of the failed batch."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]  # the cause follows "encountered:"
+    cause = lines[lines.index("encountered:") + 1] if "encountered:" in lines[:-1] else lines[0]
+    why = ("PIL reads every file of the batch (a format DALI does not decode?), --pipeline torch reads them"
+           if checked else "an unreadable image is the usual cause")
+    return UserError(f"DALI failed reading {root} ({cause}); {why}; `fastssl check {root}` lists unreadable "
+                     f"files, `fastssl convert {root} --to ffcv` leaves them out")
+
+
+def _dali_options(device: torch.device, workers: int) -> dict:
+    gpu = device.type == "cuda"
+    return {"num_threads": max(1, workers), "device_id": (device.index or 0) if gpu else None}
+
+
+class DaliLoader(Loader):
+    def __init__(self, images: ImageSet, views: dict[str, ViewSpec], shard: Shard, device: torch.device, *,
+                 workers: int = 2, channels_last: bool = True):
+        super().__init__(images, views, shard, device, channels_last)
+        self.workers = workers
+        self.pool = None if images.in_memory else ThreadPoolExecutor(max(1, workers))  # file reads release the GIL
+        self.bad: set[int] = set()  # samples known to be unreadable
+
+    def _readable(self, idx: list[int]) -> list[int]:
+        """idx with each known-bad sample replaced by the next sample of the set not known to be bad."""
+        if len(self.bad) >= len(self.images):
+            raise UserError(f"none of the images of {self.images.root} can be read; check it with `fastssl check`")
+        out = []
+        for i in idx:
+            while i in self.bad:
+                i = (i + 1) % len(self.images)
+            out.append(i)
+        return out
+
+    def _feed(self, epoch: int, order: torch.Tensor, info) -> list:
+        """Batch info.iteration of `order` as views_graph takes it."""
+        if info.iteration >= len(order):
             raise StopIteration
-        idx = self.batches[info.iteration].numpy()
-        return self.images[idx], self.labels[idx]
+        idx = order[info.iteration]
+        while True:  # until every file fed has a header PIL reads: the others are replaced before DALI sees them
+            fed = self._readable(idx.tolist())
+            if self.images.in_memory:
+                pixels = self.images.images[fed].numpy()
+                sizes = torch.tensor(pixels.shape[1:3]).expand(len(fed), 2)
+                break
+            pixels, sizes = zip(*self.pool.map(_read, [self.images.files[i] for i in fed]))
+            unreadable = {i for i, size in zip(fed, sizes) if size is None}
+            if not unreadable:
+                sizes = torch.tensor(sizes)
+                break
+            self.bad |= unreadable
+        rnd = self.random(epoch, idx)  # keyed by the slot: a replaced sample keeps its draws
+        out = [list(pixels) if not self.images.in_memory else pixels, self.images.labels[fed].numpy()]
+        for spec in self.views.values():
+            out += inputs_of(spec, sample_params(sizes[:, 0], sizes[:, 1], spec, rnd))
+        return out
 
+    def _batches(self, epoch: int, order: torch.Tensor):
+        """DALI's batches of `order` ([batches, batch] sample indices) from a new pipeline."""
+        pipe = views_pipeline(list(self.views.values()), self.device.type == "cuda", self.channels_last,
+                              not self.images.in_memory, lambda info: self._feed(epoch, order, info),
+                              batch_size=self.batch_size, **_dali_options(self.device, self.workers))
+        for (batch,) in DALIGenericIterator(pipe, [*self.views, "label"]):
+            yield batch
 
-class DaliLoader:
-    def __init__(self, images: ImageSet, views: dict[str, ViewSpec], *, batch_size: int, device: torch.device,
-                 workers: int = 2, seed: int = 0, rank: int = 0, world: int = 1, channels_last: bool = True):
-        self.images, self.views, self.batch_size, self.device = images, views, batch_size, device
-        self.workers, self.seed, self.rank, self.world = workers, seed, rank, world
-        self.channels_last = channels_last
-        self.feed = _Feed(images) if images.in_memory else None
-        self.iterator = None  # built at the first epoch, so that its seeds follow that epoch (resume)
-        self.in_epoch = False
+    def _find_bad(self, idx: torch.Tensor, error: RuntimeError) -> None:
+        """The unreadable files of a batch DALI failed on, added to self.bad; UserError when there are none."""
+        from .convert import check_image
 
-    def __len__(self) -> int:
-        return len(self.images) // self.world // self.batch_size
+        def unreadable(path: str) -> bool:  # too small for convert, but DALI decodes it
+            why = check_image(path)[0]
+            return why is not None and not why.startswith("too small")
 
-    def _build(self, epoch: int) -> DALIGenericIterator:
-        gpu = self.device.type == "cuda"
-        source = ({"feed": self.feed} if self.feed is not None else
-                  {"files": self.images.files, "labels": self.images.labels.tolist(), "rank": self.rank,
-                   "world": self.world, "shuffle_seed": sample_seed(self.seed, epoch, -1) % 2**31})
-        pipe = views_pipeline(list(self.views.values()), gpu, self.channels_last, **source,
-                              batch_size=self.batch_size, num_threads=max(1, self.workers),
-                              device_id=(self.device.index or 0) if gpu else None,
-                              seed=sample_seed(self.seed, epoch, self.rank) % 2**31)
-        pipe.build()
-        reader = {"reader_name": READER} if self.feed is None else {}
-        return DALIGenericIterator(pipe, [*self.views, "label"], last_batch_policy=LastBatchPolicy.DROP, **reader)
-
-    @contextlib.contextmanager
-    def _errors(self):
-        """DALI's failures (an unreadable image, most likely) as one line that says what to do."""
-        try:
-            yield
-        except RuntimeError as e:  # DALI's message is long; the cause is the line after "encountered:"
-            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-            cause = lines[lines.index("encountered:") + 1] if "encountered:" in lines[:-1] else lines[0]
-            raise UserError(f"DALI failed reading {self.images.root} ({cause}); an unreadable image is the usual "
-                            f"cause: `fastssl convert {self.images.root} --to ffcv` lists them (and leaves them out)"
-                            ) from None
-
-    def _next(self) -> dict[str, torch.Tensor] | None:
-        """The next batch of the epoch, or None at its end."""
-        try:
-            with self._errors():
-                return next(self.iterator)[0]
-        except StopIteration:
-            self.in_epoch = False
-            return None
+        bad = {i for i in self._readable(idx.tolist()) if unreadable(self.images.files[i])}
+        if not bad:
+            raise _failure(self.images.root, error, checked=True) from None
+        self.bad |= bad
 
     def epoch(self, epoch: int, start_batch: int = 0):
-        while self.in_epoch and self._next() is not None:  # the last epoch was left unfinished: run it out
-            pass
-        if self.feed is not None:
-            order = epoch_indices(len(self.images), self.batch_size, epoch, self.seed, self.rank, self.world)
-            self.feed.batches = order[start_batch * self.batch_size:].view(-1, self.batch_size)
-        with self._errors():  # the iterator reads its first batches when built or reset
-            if self.iterator is None:
-                self.iterator = self._build(epoch)
-            else:
-                self.iterator.reset()
-        self.in_epoch = True
-        if self.feed is None:  # the reader's order is DALI's: resuming skips batches by running them
-            for _ in range(start_batch):
-                self._next()
-        while (batch := self._next()) is not None:
+        order = self.indices(epoch, start_batch)
+        done = 0
+        batches = self._batches(epoch, order)
+        while done < len(order):
+            try:
+                batch = next(batches)
+            except RuntimeError as e:  # DALI failed batch `done`: replace its unreadable files, run it again
+                if self.images.in_memory:
+                    raise
+                self._find_bad(order[done], e)
+                batches = self._batches(epoch, order[done:])
+                continue
             # HWC memory read as NCHW is channels_last; CHW output is already contiguous NCHW
             out = {role: batch[role].permute(0, 3, 1, 2) if self.channels_last else batch[role]
                    for role in self.views}
-            out["label"] = batch["label"].view(-1).long().to(self.device, non_blocking=True)
+            out["label"] = batch["label"].view(-1).to(self.device, non_blocking=True)
+            bad = [self.images.files[i] for i in order[done].tolist() if i in self.bad]
+            if bad:
+                out["bad_files"] = bad
             yield out
+            done += 1
+
+
+class EvalReader:
+    """Every image of an image folder, in order, as uint8 [B,3,size,size] batches (the last one may be partial):
+    torch_loader's evaluation view (the shorter side resized to size*256/224, the centre size x size, with
+    torchvision's rounding of both), decoded by DALI. Iterable again at every evaluation."""
+
+    def __init__(self, images: ImageSet, size: int, batch_size: int, workers: int):
+        self.images, self.size, self.batch_size, self.workers = images, size, batch_size, workers
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else \
+            torch.device("cpu")
+
+    def _feed(self, pool: ThreadPoolExecutor, info) -> list:
+        files = self.images.files[info.iteration * self.batch_size:(info.iteration + 1) * self.batch_size]
+        if not files:
+            raise StopIteration
+        encoded, sizes = zip(*pool.map(_read, files))
+        side, resized, corners = round(self.size * 256 / 224), [], []
+        for path, size in zip(files, sizes):
+            if size is None:
+                raise UserError(f"cannot read image {path}; `fastssl check {self.images.root}` lists the unreadable "
+                                f"files, `fastssl convert` leaves them out")
+            h, w = size  # v2.Resize(side): the longer side truncated; v2.CenterCrop: the corner rounded
+            h, w = (int(side * h / w), side) if w <= h else (side, int(side * w / h))
+            resized.append((h, w))
+            corners.append((round((h - self.size) / 2), round((w - self.size) / 2)))
+        return [list(encoded), np.array(resized, dtype=np.float32), np.array(corners, dtype=np.int32)]
+
+    def __iter__(self):
+        with ThreadPoolExecutor(max(1, self.workers)) as pool:
+            pipe = eval_pipeline(self.size, self.device.type == "cuda", lambda info: self._feed(pool, info),
+                                 batch_size=self.batch_size, **_dali_options(self.device, self.workers))
+            try:
+                for (batch,) in DALIGenericIterator(pipe, ["image"]):
+                    yield batch["image"]
+            except RuntimeError as e:
+                raise _failure(self.images.root, e) from None

@@ -23,7 +23,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from fastssl.data import BetonSet
+from fastssl.beton import BetonSet
 from fastssl.extras import optional, torch_threads_kept
 from fastssl.views import ViewSpec, normalize
 

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from fastssl.data import ImageSet
+from fastssl.data import ImageSet, UnreadableImage
 from fastssl.errors import UserError
 from fastssl.views import ViewSpec, normalize
 
@@ -37,10 +37,12 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
-def resident_images(images: ImageSet, size: int, device: torch.device, workers: int = 2) -> torch.Tensor:
+def resident_images(images: ImageSet, size: int, device: torch.device, workers: int = 2
+                    ) -> tuple[torch.Tensor, list[str]]:
     """The whole split as uint8 [N,H,W,3] on the device: in-memory sets as they are (crops resample them to
-    the view size), image folders decoded once, shorter side resized to `size` and centre-cropped square.
-    UserError when it would take more than MEMORY_FRACTION of the free memory there."""
+    the view size), image folders decoded once, shorter side resized to `size` and centre-cropped square;
+    and the files that could not be decoded (each replaced by the next readable image). UserError when it
+    would take more than MEMORY_FRACTION of the free memory there."""
     if images.in_memory:
         shape = tuple(images.images.shape)
         need = 0 if device.type == "cpu" else images.images.numel()  # already in host memory
@@ -57,24 +59,32 @@ def resident_images(images: ImageSet, size: int, device: torch.device, workers: 
                         f"{_gib(need)} as uint8 {shape[1]}x{shape[2]}, more than {MEMORY_FRACTION:.0%} of the "
                         f"{_gib(free)} free there; use --pipeline torch, or {smaller}")
     if images.in_memory:
-        return images.images.to(device)
+        return images.images.to(device), []
 
-    def decode(i: int) -> torch.Tensor:
-        img = TF.resize(images.read(i), size, antialias=True)
+    def decode(i: int) -> torch.Tensor | str:
+        try:
+            img = TF.resize(images.read(i), size, antialias=True)
+        except UnreadableImage as e:
+            return e.path
         return TF.center_crop(img, size).permute(1, 2, 0)
 
-    out = torch.empty(shape, dtype=torch.uint8)
     with ThreadPoolExecutor(max(1, workers)) as pool:  # decoding releases the GIL
-        for i, img in enumerate(pool.map(decode, range(len(images)))):
-            out[i] = img
-    return out.to(device)
+        decoded = list(pool.map(decode, range(len(images))))
+    good = [i for i, img in enumerate(decoded) if not isinstance(img, str)]
+    if not good:
+        raise UserError(f"no image of {images.root} could be decoded (e.g. {decoded[0]}); `fastssl check` lists them")
+    out = torch.empty(shape, dtype=torch.uint8)
+    for i, img in enumerate(decoded):
+        out[i] = decoded[next((j for j in good if j > i), good[0])] if isinstance(img, str) else img
+    return out.to(device), [img for img in decoded if isinstance(img, str)]
 
 
 class TensorLoader(Loader):
     def __init__(self, images: ImageSet, views: dict[str, ViewSpec], shard: Shard, device: torch.device, *,
                  workers: int = 2, channels_last: bool = True):
         super().__init__(images, views, shard, device, channels_last)
-        self.pixels = resident_images(images, max(spec.size for spec in views.values()), device, workers)
+        self.pixels, self.bad_files = resident_images(images, max(spec.size for spec in views.values()), device,
+                                                      workers)
         self.labels = images.labels.to(device)
 
     def epoch(self, epoch: int, start_batch: int = 0):
@@ -84,4 +94,6 @@ class TensorLoader(Loader):
             out = {role: normalize(view(src, spec, rnd), spec.mean, spec.std, self.channels_last)
                    for role, spec in self.views.items()}
             out["label"] = self.labels[idx]
+            if self.bad_files:  # replaced when the set was decoded: reported once, with the first batch
+                out["bad_files"], self.bad_files = self.bad_files, []
             yield out

@@ -2,16 +2,20 @@
 
 Workers return uint8 views (4x less inter-process traffic than floats); normalisation runs on the
 training device. Every sample's augmentation is seeded by (seed, epoch, index), so a run is
-reproducible for any worker count and resumes exactly mid-epoch.
+reproducible for any worker or process count and resumes exactly mid-epoch. An unreadable image is
+replaced by the next readable one and named in the batch's "bad_files" (the trainer stops on it, or
+goes on with --skip-bad-images).
 """
 
 from __future__ import annotations
+
+import signal
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from fastssl.data import ImageSet
+from fastssl.data import ImageSet, UnreadableImage
 from fastssl.views import ViewSpec, normalize
 
 from .common import Loader, Shard, sample_seed
@@ -41,13 +45,30 @@ class _Views(Dataset):
     def __len__(self):
         return len(self.images)
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        img = self.images.read(i)
+    def __getitem__(self, i: int) -> dict:
+        """Sample i's views; an unreadable image is replaced by the next readable one and named in "bad_files"."""
+        bad, j = [], i
+        while True:
+            try:
+                img = self.images.read(j)
+                break
+            except UnreadableImage as e:
+                bad.append(e.path)
+                j = (j + 1) % len(self.images)
+                if len(bad) == len(self.images):
+                    raise
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(sample_seed(self.seed, self.epoch, i))
             out = {role: t(img) for role, t in self.transforms.items()}
-        out["label"] = self.images.labels[i]
+        out["label"], out["bad_files"] = self.images.labels[j], "\n".join(bad)
         return out
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """A worker leaves SIGTERM/SIGUSR1/Ctrl-C to the trainer, which stops after its step: dying first, the worker
+    would take the batches of that step with it."""
+    for name in ("SIGINT", "SIGTERM", "SIGUSR1"):
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
 class TorchLoader(Loader):
@@ -61,11 +82,14 @@ class TorchLoader(Loader):
         order = self.indices(epoch, start_batch).flatten().tolist()
         loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=order, num_workers=self.workers,
                             pin_memory=self.device.type == "cuda", drop_last=True,
-                            prefetch_factor=4 if self.workers else None)
+                            prefetch_factor=4 if self.workers else None, worker_init_fn=_ignore_stop_signals)
         for batch in loader:
             out = {role: normalize(batch[role].to(self.device, non_blocking=True), spec.mean, spec.std,
                                    self.channels_last) for role, spec in self.views.items()}
             out["label"] = batch["label"].to(self.device, non_blocking=True)
+            bad = [f for files in batch["bad_files"] for f in files.split("\n") if f]
+            if bad:
+                out["bad_files"] = bad
             yield out
 
 

@@ -33,3 +33,18 @@ def fashion_folder(tmp_path_factory) -> Path:
             folder.mkdir(parents=True, exist_ok=True)
             Image.fromarray(image[..., 0]).save(folder / f"{i}.png")
     return root
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """A child process left running (a library's worker that was never joined) would hang the interpreter's exit
+    for ever, and CI with it: name each one, end it, and fail the session."""
+    import multiprocessing
+    left = multiprocessing.active_children()
+    for p in left:
+        target = getattr(p, "_target", None)
+        print(f"\nleft running after the tests: {p.name} (pid {p.pid}, target {getattr(target, '__qualname__', target)}"
+              f" in {getattr(target, '__module__', '?')}); terminated")
+        p.terminate()
+        p.join(5)
+    if left:
+        session.exitstatus = 1

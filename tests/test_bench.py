@@ -1,4 +1,5 @@
-"""bench/throughput.py runs end to end and writes well-formed results (its speed is the benchmark's business)."""
+"""bench/throughput.py runs end to end and writes well-formed results (its speed is the benchmark's business); without
+native bf16 its bf16 cases are reported as skipped."""
 
 from __future__ import annotations
 
@@ -29,8 +30,8 @@ def _numbers(tree, path=""):
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("throughput")
-    proc = subprocess.run([sys.executable, str(BENCH / "throughput.py"), "--smoke", "--device", "cpu", "--out", str(out)],
-                          capture_output=True, text=True, timeout=900)
+    cmd = [sys.executable, str(BENCH / "throughput.py"), "--smoke", "--device", "cpu", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, json.loads((out / "results.json").read_text()), proc.stdout
 
@@ -44,7 +45,7 @@ def test_results_have_every_section_and_the_run_context(smoke):
     assert {"torch", "dali", "ffcv", "decode"} <= loader["224"]["rows"].keys()
     assert {"torch", "dali", "ffcv", "tensor"} <= loader["32"]["rows"].keys()
     assert {c["impl"] for c in results["loss"]["cases"]} == {"reference", "cpu"}
-    step_cases = {(c["method"], c["setting"]) for c in results["step"]["cases"]}
+    step_cases = {(c["method"], c["setting"]) for c in results["step"]["cases"] if "skipped" not in c}
     assert {m for m, _ in step_cases} == {"ressl", "isd", "resa", "mocov2", "byol"}
     assert set(results["step"]["ressl_over_byol_step_time"]) == {s for _, s in step_cases}
     assert set(results["end_to_end"]["images_per_s"]) == {"torch", "tensor", "dali", "ffcv"}
@@ -64,3 +65,35 @@ def test_every_figure_is_a_positive_number(smoke):
             assert value >= 0, path
         else:
             assert value > 0, path
+
+
+def test_without_native_bf16_the_bf16_cases_are_skipped(smoke, tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTSSL_BENCH_NO_BF16", "1")  # the subprocesses inherit it
+    monkeypatch.syspath_prepend(str(BENCH))
+    import common
+    import end_to_end
+    import step
+    import throughput
+    assert not common.native_bf16("cpu")
+    # the step section for two methods (the ReSSL / BYOL ratio), in smoke mode
+    available = step.methods_available()
+    monkeypatch.setattr(step, "methods_available", lambda: {m: available[m] for m in ("ressl", "byol")})
+    results = step.run("smoke", device="cpu", out_dir=str(tmp_path))
+    skipped = [c for c in results["cases"] if "skipped" in c]
+    assert {c["setting"] for c in skipped} == {"bf16 channels_last"} and len(skipped) == 2
+    assert all(c["skipped"] == "skipped: no native bf16" for c in skipped)
+    assert results["matmul_peak_flops"]["bfloat16"] is None and results["matmul_peak_flops"]["float32"] > 0
+    assert set(results["ressl_over_byol_step_time"]) == {"fp32"}
+    assert "| ressl | bf16 channels_last | 1 | skipped: no native bf16 |" in (tmp_path / "step.md").read_text()
+    # the whole report and its chart with that section
+    whole = {**smoke[1], "step": results}
+    assert "bf16 skipped: no native bf16" in throughput.to_markdown(whole)
+    throughput.plot(whole, tmp_path / "throughput.png")
+    assert (tmp_path / "throughput.png").stat().st_size > 0
+    # end to end: the trainer runs in fp32 (the training runs themselves are the smoke run's)
+    calls = []
+    monkeypatch.setattr(end_to_end, "_fastssl", lambda *args: calls.append(args))
+    monkeypatch.setattr(end_to_end, "_window_rates", lambda run_dir: [1.0, 1.0])
+    assert end_to_end.run("smoke", device="cpu")["precision"] == "fp32"
+    trains = [c for c in calls if c[0] == "train"]
+    assert trains and all(c[c.index("--precision") + 1] == "fp32" for c in trains)

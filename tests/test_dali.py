@@ -1,10 +1,14 @@
 """The DALI pipeline, CPU-only (device_id=None): the graph a GPU run uses, on CPU operators.
 
-Views: layout, normalisation, labels in line with the images, ops at the spec's rates; epochs: exact, sharded,
-seeded; the same graph placed on the GPU when training there; a short training run learns.
+Views: layout, normalisation, labels in line with the images, ops at the spec's rates, crops and flips where the
+shared draws put them; epochs: the shared order, seeded, exact at any resume point and the same for any process
+count, from image files and from memory; unreadable images replaced and reported; the evaluation reader against
+torchvision's; the same graph placed on the GPU when training there; a short training run learns.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,101 +18,181 @@ from pipeline_checks import (CPU, PROBE_VIEWS, check_colour_views, check_probe_r
 from PIL import Image
 
 from fastssl import data
+from fastssl.data import ImageSet
 from fastssl.errors import UserError
-from fastssl.pipelines import build, common
-from fastssl.pipelines.dali_loader import views_graph
+from fastssl.extras import optional
+from fastssl.pipelines import build
+from fastssl.pipelines.common import Shard
+from fastssl.pipelines.dali_loader import EvalReader, eval_graph, views_graph
+from fastssl.pipelines.torch_loader import FileEvalReader
 from fastssl.views import ViewSpec, resa_strong, strong, weak
 
-VIEWS = {"weak": weak(24), "strong": strong(24, blur_p=0.5), "crop1": ViewSpec(12, crop_scale=(0.1, 0.5))}
+VIEWS = {"weak": weak(24), "strong": resa_strong(24, blur_p=0.5), "crop1": ViewSpec(12, crop_scale=(0.1, 0.5))}
 
 
-def loader(images, views=VIEWS, batch_size=8, **kw):
-    return build("dali", images, views, batch_size=batch_size, device=CPU, **kw)
+def loader(images, batch, views=VIEWS, rank=0, world=1, seed=1, **kw):
+    return build("dali", images, views, Shard(rank, world, seed, batch), CPU, **kw)
 
 
 def labels(batches) -> list[int]:
     return torch.cat([b["label"] for b in batches]).tolist()
 
 
+def same(a: dict, b: dict) -> bool:
+    """Bitwise the same batch (bad_files: the same list)."""
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k] for k in a)
+
+
+@pytest.fixture(scope="module")
+def unique_folder(tmp_path_factory) -> ImageSet:
+    """30 image files, each its own class and colour, of different sizes (PNG: lossless)."""
+    root = tmp_path_factory.mktemp("unique")
+    for i in range(30):
+        (root / "train" / f"{i:03d}").mkdir(parents=True)
+        colour = (8 * i, 100, 255 - 8 * i)
+        Image.new("RGB", (12 + i % 7, 10 + i % 5), colour).save(root / "train" / f"{i:03d}" / "x.png")
+    return data.load(str(root))
+
+
+@pytest.fixture(scope="module")
+def sets(unique_folder) -> dict[str, ImageSet]:
+    return {"files": unique_folder, "memory": unique_set(30)}
+
+
 def test_folder_views_have_the_trainers_layout_and_labels_match_images(colour_folder):
-    views = {"weak": weak(24), "strong": resa_strong(24, blur_p=0.5), "crop1": ViewSpec(12, crop_scale=(0.1, 0.5))}
-    run = loader(data.load(str(colour_folder)), views, batch_size=16)
+    images = data.load(str(colour_folder))
+    run = loader(images, 16)
     assert len(run) == 3  # 48 images
-    for batch in run.epoch(0):
-        check_colour_views(batch, views)
-    flat = next(loader(data.load(str(colour_folder)), views, channels_last=False).epoch(0))["strong"]
+    for batch, idx in zip(run.epoch(0), run.indices(0), strict=True):
+        check_colour_views(batch, VIEWS)
+        assert batch["label"].tolist() == images.labels[idx].tolist() and "bad_files" not in batch
+    flat = next(loader(images, 8, channels_last=False).epoch(0))["strong"]
     assert flat.is_contiguous() and flat.shape == (8, 3, 24, 24)
 
 
-@pytest.mark.parametrize("world", [1, 2])
-def test_reader_epochs_are_exact_and_sharded(tmp_path, world):
-    """75 images, each its own class: every rank yields len(loader) whole batches an epoch, no sample twice."""
-    for i in range(75):
-        (tmp_path / "train" / f"{i:03d}").mkdir(parents=True)
-        Image.new("RGB", (10, 8), (i, 100, 200)).save(tmp_path / "train" / f"{i:03d}" / "x.png")
-    images = data.load(str(tmp_path))
-    runs = [loader(images, batch_size=8, rank=r, world=world, seed=3) for r in range(world)]
-    assert len(runs[0]) == 75 // world // 8
-    epochs = [[labels(run.epoch(e)) for e in range(3)] for run in runs]
-    for e in range(3):
-        seen = [ids[e] for ids in epochs]
-        assert all(len(ids) == len(set(ids)) == len(runs[0]) * 8 for ids in seen)
-        assert len(set().union(*seen)) == sum(map(len, seen))  # ranks hold different samples
-    assert epochs[0][0] != epochs[0][1]  # reshuffled every epoch
-    resumed = list(loader(images, batch_size=8, rank=0, world=world, seed=3).epoch(0, start_batch=2))
-    assert len(resumed) == len(runs[0]) - 2
-
-
-def test_in_memory_epochs_follow_the_shared_order_and_resume_exactly():
-    images = unique_set(103)
-    run = loader(images, batch_size=10, seed=1)
-    assert len(run) == 10
-    for e in range(2):
-        assert labels(run.epoch(e)) == common.epoch_indices(103, 10, e, 1).tolist()
-    a, b = list(loader(images, batch_size=10, seed=1).epoch(0)), list(loader(images, batch_size=10, seed=1).epoch(0))
-    assert all(torch.equal(x[k], y[k]) for x, y in zip(a, b) for k in x)  # seeded
-    assert labels(loader(images, batch_size=10, seed=1).epoch(1, start_batch=4)) == labels(run.epoch(1))[40:]
+@pytest.mark.parametrize("kind", ["files", "memory"])
+def test_epochs_follow_the_shared_order_and_resume_exactly_at_any_batch(sets, kind):
+    images = sets[kind]
+    run = loader(images, 4)
+    assert len(run) == 7  # 30 images: whole batches only
+    epochs = [list(run.epoch(e)) for e in range(2)]
+    for e, batches in enumerate(epochs):
+        assert labels(batches) == images.labels[run.indices(e).flatten()].tolist()  # each sample once
+    assert labels(epochs[0]) != labels(epochs[1])  # reshuffled
+    assert all(same(a, b) for a, b in zip(epochs[1], loader(images, 4).epoch(1), strict=True))  # seeded
+    assert not torch.equal(next(loader(images, 4, seed=2).epoch(1))["strong"], epochs[1][0]["strong"])
+    for start in range(1, len(run)):  # crops, flips and photometric draws too, not only the order
+        assert all(same(a, b) for a, b in zip(epochs[1][start:], run.epoch(1, start_batch=start), strict=True))
     unfinished = run.epoch(2)
     next(unfinished)
-    unfinished.close()  # the loop left the epoch early: the next one still starts at its beginning
-    assert labels(run.epoch(3)) == common.epoch_indices(103, 10, 3, 1).tolist()
+    unfinished.close()  # the loop left the epoch early: the next one starts at its beginning
+    assert all(same(a, b) for a, b in zip(epochs[0], run.epoch(0), strict=True))
+
+
+@pytest.mark.parametrize("kind", ["files", "memory"])
+def test_two_ranks_see_at_each_step_what_one_process_sees_at_twice_the_batch(sets, kind):
+    """Bitwise: a sample's views depend on (seed, epoch, index) only, and DALI's ops work sample by sample."""
+    whole = list(loader(sets[kind], 6).epoch(1))
+    ranks = [list(loader(sets[kind], 3, rank=r, world=2).epoch(1)) for r in range(2)]
+    assert len(whole) == len(ranks[0]) == len(ranks[1]) == 5
+    for step, (a, b) in enumerate(zip(*ranks)):
+        assert same(whole[step], {k: torch.cat([a[k], b[k]]) for k in a})
+    assert not set(labels(ranks[0])) & set(labels(ranks[1]))
+
+
+def test_crops_and_flips_are_the_shared_draws():
+    """The weak view (crop + flip) against --pipeline tensor's, which draws the same boxes and flips and resamples
+    as torchvision does: close, not equal (DALI's resampling reads pixels just outside the box)."""
+    g = torch.Generator().manual_seed(0)
+    coarse = torch.randint(0, 256, (64, 3, 10, 12), generator=g, dtype=torch.uint8).float()
+    smooth = torch.nn.functional.interpolate(coarse, size=(40, 48), mode="bilinear").round().to(torch.uint8)
+    images = ImageSet("cifar10", "smooth", "train", ["a"], torch.zeros(64, dtype=torch.int64),
+                      images=smooth.permute(0, 2, 3, 1).contiguous())
+    views = {"weak": weak(24, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))}
+    shard = Shard(0, 1, 3, 16)
+    dali, tensor = (torch.cat([b["weak"] for b in build(kind, images, views, shard, CPU).epoch(0)]) * 255
+                    for kind in ("dali", "tensor"))
+    diff = (dali - tensor).abs()
+    assert diff.mean() < 1 and diff.flatten().quantile(0.99) < 6, (diff.mean(), diff.flatten().quantile(0.99))
 
 
 def test_ops_fire_at_the_specs_rates_and_crops_stay_in_range():
-    batches = list(loader(probe_set(2048), PROBE_VIEWS, batch_size=256, seed=0).epoch(0))
-    check_probe_rates(batches)
+    check_probe_rates(list(loader(probe_set(2048), 256, PROBE_VIEWS, seed=0).epoch(0)))
+
+
+def test_unreadable_images_are_replaced_by_the_next_readable_one_and_reported(tmp_path):
+    """bad.jpg is no image (its header tells), corrupt.png has a good header and fails in DALI's decoder: each slot
+    takes the next readable image of the set (and its label) and the batch names the file; nothing else changes."""
+    folder = tmp_path / "train" / "a"
+    folder.mkdir(parents=True)
+    for i in range(10):
+        Image.new("RGB", (16, 16), (20 * i, 0, 0)).save(folder / f"{i}.png")
+    (folder / "3b_bad.jpg").write_text("not an image")
+    Image.new("RGB", (16, 16), (0, 0, 200)).save(folder / "6b_corrupt.png")
+    corrupt = bytearray((folder / "6b_corrupt.png").read_bytes())
+    corrupt[60:80] = bytes(20)  # inside the pixel data
+    (folder / "6b_corrupt.png").write_bytes(bytes(corrupt))
+    images = data.load(str(tmp_path))
+    bad = {images.files.index(str(folder / name)): str(folder / name) for name in ("3b_bad.jpg", "6b_corrupt.png")}
+    views = {"weak": weak(16, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_p=0.0)}  # the whole image
+    colour = {i: 20.0 * int(Path(f).stem) for i, f in enumerate(images.files) if i not in bad}  # R of each image
+    spec = views["weak"]
+    for batch_size, reported in ((3, [0, 0, 1, 1]), (6, [0, 2])):  # one bad file a batch, or both in one
+        run = loader(images, batch_size, views, seed=2)
+        batches = list(run.epoch(0))
+        for batch, idx in zip(batches, run.indices(0).tolist(), strict=True):
+            assert batch.get("bad_files", []) == [bad[i] for i in idx if i in bad]
+            red = (batch["weak"][:, 0] * spec.std[0] + spec.mean[0]).mean((1, 2)) * 255
+            assert (red - torch.tensor([colour[i + 1 if i in bad else i] for i in idx])).abs().max() < 1
+        assert [len(b.get("bad_files", [])) for b in batches] == reported
+        resumed = list(loader(images, batch_size, views, seed=2).epoch(0, start_batch=1))  # knowing no bad file yet
+        assert all(same(a, b) for a, b in zip(batches[1:], resumed, strict=True))
+
+
+def test_a_failure_that_is_no_unreadable_file_is_one_line(tmp_path):
+    """A GIF named .png: PIL reads it, DALI does not decode GIFs."""
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    for i in range(4):
+        Image.new("RGB", (16, 16)).save(tmp_path / "train" / "a" / f"{i}.png")
+    Image.new("RGB", (16, 16)).save(tmp_path / "train" / "a" / "gif.png", format="GIF")
+    with pytest.raises(UserError, match="fastssl convert") as err:
+        list(loader(data.load(str(tmp_path)), 5).epoch(0))
+    assert "\n" not in str(err.value) and str(tmp_path) in str(err.value)
+
+
+def test_evaluation_reads_files_in_order_as_torchvision_does(colour_folder):
+    images = data.load(str(colour_folder))
+    reader = EvalReader(images, 24, 20, workers=2)
+    ours, reference = list(reader), list(FileEvalReader(images, 24, 20, workers=0))
+    assert [x.shape for x in ours] == [x.shape for x in reference] == [(20, 3, 24, 24)] * 2 + [(8, 3, 24, 24)]
+    assert all(x.dtype == torch.uint8 for x in ours)
+    # the same resize sizes and centre corners; the JPEGs decode alike: at most one grey level apart
+    assert (torch.cat(ours).float() - torch.cat(reference).float()).abs().max() <= 1
+    assert all(torch.equal(a, b) for a, b in zip(ours, reader, strict=True))  # iterable again
 
 
 def test_the_gpu_graph_decodes_with_nvjpeg_and_keeps_every_view_on_the_gpu():
     """Defined, not run (no GPU here): the graph for device cuda places each view on the GPU."""
-    with Pipeline(batch_size=2, num_threads=1, device_id=0):
-        from_files = views_graph(list(VIEWS.values()), True, True, files=["a.jpg"], labels=[0])
-    with Pipeline(batch_size=2, num_threads=1, device_id=0):
-        from_memory = views_graph(list(VIEWS.values()), True, True, feed=lambda info: None)
-    for outputs in (from_files, from_memory):
+    graphs = []
+    for files in (True, False):
+        with Pipeline(batch_size=2, num_threads=1, device_id=0):
+            graphs.append(views_graph(list(VIEWS.values()), True, True, files, feed=lambda info: None))
+    for outputs in graphs:
         assert [o.device for o in outputs] == ["gpu"] * len(VIEWS) + ["cpu"]  # labels move with .to(device)
+    with Pipeline(batch_size=2, num_threads=1, device_id=0):
+        assert eval_graph(24, True, feed=lambda info: None).device == "gpu"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_batches(colour_folder):
-    batch = next(build("dali", data.load(str(colour_folder)), VIEWS, batch_size=8, device=torch.device("cuda"))
-                 .epoch(0))
+    views = {"weak": weak(24), "strong": strong(24, blur_p=0.5)}
+    batch = next(build("dali", data.load(str(colour_folder)), views, Shard(batch=8), torch.device("cuda")).epoch(0))
     assert all(batch[k].is_cuda for k in batch) and batch["weak"].is_contiguous(memory_format=torch.channels_last)
-
-
-def test_unreadable_image_is_one_line_naming_convert(tmp_path):
-    (tmp_path / "train" / "a").mkdir(parents=True)
-    for i in range(4):
-        Image.new("RGB", (16, 16)).save(tmp_path / "train" / "a" / f"{i}.png")
-    (tmp_path / "train" / "a" / "bad.jpg").write_text("not an image")
-    with pytest.raises(UserError, match="fastssl convert") as err:
-        list(loader(data.load(str(tmp_path)), batch_size=5).epoch(0))
-    assert "\n" not in str(err.value)
 
 
 def test_missing_extra_is_named():
     with pytest.raises(UserError, match=r"pip install 'fastssl\[dali\]'"):
-        common.optional("nvidia.dali_not_installed", "dali")
+        optional("nvidia.dali_not_installed", "dali")
 
 
 @pytest.mark.slow

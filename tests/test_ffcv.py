@@ -1,7 +1,7 @@
 """The FFCV pipeline on CPU (no ToDevice): one decode per image feeds every view; the photometric ops run batched.
 
-Views: layout, normalisation, labels in line with the images, ops at the spec's rates; epochs: exact, sharded,
-seeded, resumable at any batch; .beton splits for evaluation; a short training run learns. Every FFCV Loader
+Views: layout, normalisation, labels in line with the images, ops at the spec's rates; .beton splits for evaluation;
+a short training run learns (the loader contract, exact and sharded epochs: test_loaders.py). Every FFCV Loader
 compiles its pipeline with numba (seconds), so the tests share loaders where they can.
 """
 
@@ -10,25 +10,21 @@ from __future__ import annotations
 import pytest
 import torch
 from pipeline_checks import (COLOURS, CPU, PROBE_VIEWS, check_colour_views, check_probe_rates,
-                             check_short_run_learns, probe_set, torch_threads_after, unique_set)
+                             check_short_run_learns, probe_set, torch_threads_after)
 
 from fastssl import data
-from fastssl.data import BetonSet
+from fastssl.beton import BetonSet, write_beton
 from fastssl.errors import UserError
-from fastssl.pipelines import build, common
-from fastssl.pipelines.convert import convert, write_beton
-from fastssl.pipelines.ffcv_loader import eval_batches
+from fastssl.pipelines import build, eval_reader
+from fastssl.pipelines.common import Shard
+from fastssl.pipelines.convert import convert
 from fastssl.views import ViewSpec, resa_strong, weak
 
 VIEWS = {"weak": weak(24), "strong": resa_strong(24, blur_p=0.5), "crop1": ViewSpec(12, crop_scale=(0.1, 0.5))}
 
 
-def loader(images, views=VIEWS, batch_size=8, **kw):
-    return build("ffcv", images, views, batch_size=batch_size, device=CPU, **kw)
-
-
-def labels(batches) -> list[int]:
-    return torch.cat([b["label"] for b in batches]).tolist()
+def loader(images, views=VIEWS, batch_size=8, device=CPU):
+    return build("ffcv", images, views, Shard(batch=batch_size), device)
 
 
 @pytest.fixture(scope="module")
@@ -36,13 +32,6 @@ def colour_beton(colour_folder, tmp_path_factory):
     out = tmp_path_factory.mktemp("betons") / "colours_train.beton"
     convert(str(colour_folder), out, workers=2)
     return out
-
-
-@pytest.fixture(scope="module")
-def unique_beton(tmp_path_factory):
-    out = tmp_path_factory.mktemp("betons") / "unique_train.beton"
-    write_beton(unique_set(103), out)
-    return data.load(str(out))
 
 
 def test_views_have_the_trainers_layout_and_labels_match_images(colour_beton):
@@ -56,30 +45,12 @@ def test_views_have_the_trainers_layout_and_labels_match_images(colour_beton):
 
 def test_evaluation_reads_the_beton_in_order_with_a_centre_crop(colour_beton):
     images = data.load(str(colour_beton)).subset(20, seed=1)
-    batches = list(eval_batches(images, 16, 8, workers=1))
+    batches = list(eval_reader("ffcv", images, 16, batch_size=8, workers=1))
     assert [len(x) for x in batches] == [8, 8, 4] and batches[0].dtype == torch.uint8
     x = torch.cat(batches).float()
     assert x.shape == (20, 3, 16, 16)
     colours = torch.tensor(COLOURS, dtype=torch.float32)[images.labels].view(20, 3, 1, 1)
     assert (x - colours).abs().max() < 4
-
-
-def test_epochs_are_exact_seeded_sharded_and_resume_at_any_batch(unique_beton):
-    run = loader(unique_beton, batch_size=10, seed=1)
-    assert len(run) == 10
-    first = list(run.epoch(2))
-    assert labels(first) == common.epoch_indices(103, 10, 2, 1).tolist()  # the order every pipeline uses
-    again = list(run.epoch(2))
-    assert all(torch.equal(x[k], y[k]) for x, y in zip(first, again) for k in x)  # seeded by (seed, epoch)
-    assert not torch.equal(next(run.epoch(3))["strong"], first[0]["strong"])
-    resumed = list(run.epoch(2, start_batch=4))  # crops, flips and photometric draws too
-    assert len(resumed) == 6 and all(torch.equal(x[k], y[k]) for x, y in zip(first[4:], resumed) for k in x)
-    unfinished = run.epoch(1)
-    next(unfinished)
-    unfinished.close()  # stops FFCV's thread; the next epoch starts clean
-    assert labels(run.epoch(0)) == common.epoch_indices(103, 10, 0, 1).tolist()
-    shards = [labels(loader(unique_beton, batch_size=10, seed=1, rank=r, world=2).epoch(0)) for r in range(2)]
-    assert len(shards[0]) == len(shards[1]) == 50 and not set(shards[0]) & set(shards[1])
 
 
 def test_ops_fire_at_the_specs_rates_and_crops_stay_in_range(tmp_path):
@@ -97,9 +68,9 @@ def test_beton_splits_and_what_each_pipeline_accepts(colour_beton, colour_folder
     with pytest.raises(UserError, match="name the files NAME_train.beton"):
         data.load(str(tmp_path / "a_val.beton"), "test")
     with pytest.raises(UserError, match="--pipeline ffcv reads an FFCV .beton: write one with `fastssl convert"):
-        build("ffcv", data.load(str(colour_folder)), VIEWS, batch_size=8, device=CPU)
+        loader(data.load(str(colour_folder)))
     with pytest.raises(UserError, match="train on it with --pipeline ffcv"):
-        build("torch", data.load(str(colour_beton)), VIEWS, batch_size=8, device=CPU)
+        build("torch", data.load(str(colour_beton)), VIEWS, Shard(batch=8), CPU)
     (tmp_path / "junk_train.beton").write_text("not a beton")
     with pytest.raises(UserError, match="not a readable FFCV file"):
         data.load(str(tmp_path / "junk_train.beton"))
@@ -107,8 +78,7 @@ def test_beton_splits_and_what_each_pipeline_accepts(colour_beton, colour_folder
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_batches(colour_beton):
-    batch = next(build("ffcv", data.load(str(colour_beton)), VIEWS, batch_size=8, device=torch.device("cuda"))
-                 .epoch(0))
+    batch = next(loader(data.load(str(colour_beton)), device=torch.device("cuda")).epoch(0))
     assert all(batch[k].is_cuda for k in batch) and batch["weak"].is_contiguous(memory_format=torch.channels_last)
 
 

@@ -20,9 +20,8 @@ from fastssl.errors import UserError
 from fastssl.kernels import sinkhorn_knopp
 from fastssl.methods import METHODS
 from fastssl.methods.base import cosine_momentum
-from fastssl.models import SMALL_IMAGE_MAX
 from fastssl.train import train
-from fastssl.views import strong, weak
+from fastssl.views import is_small, strong, weak
 
 BACKPROPS = {"ressl": 1, "isd": 1, "mocov2": 1, "byol": 2, "resa": 2}
 MEAN_STD = ((0.5,) * 3, (0.25,) * 3)
@@ -40,7 +39,7 @@ class TinyBackbone(nn.Sequential):
 def build(name: str, size: int = 8, batch: int = 6, **settings):
     """A method on a tiny backbone (tiny heads, a short queue) and one random batch of its views."""
     cfg = TrainConfig(method=name, image_size=size, queue_size=10, proj_hidden=20, proj_dim=8, **settings)
-    cfg = resolve(cfg, METHODS[name].defaults(small=size <= SMALL_IMAGE_MAX))
+    cfg = resolve(cfg, METHODS[name].defaults(small=is_small(size)))
     torch.manual_seed(0)
     method = METHODS[name](cfg, TinyBackbone())
     g = torch.Generator().manual_seed(1)

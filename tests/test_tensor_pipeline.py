@@ -20,6 +20,7 @@ from fastssl.errors import UserError
 from fastssl.pipelines import build
 from fastssl.pipelines import device_augment as A
 from fastssl.pipelines import tensor_loader
+from fastssl.pipelines.common import SampleRandom, Shard
 from fastssl.pipelines.torch_loader import to_torchvision
 from fastssl.views import ViewSpec, resa_strong, strong, weak
 
@@ -37,6 +38,11 @@ def one_thread():
 
 def gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
+
+
+def draws(n: int, seed: int = 0) -> SampleRandom:
+    """Random parameters for n samples (the loaders key them by (seed, epoch, sample index))."""
+    return SampleRandom(seed, 0, torch.arange(n))
 
 
 def images(n: int = 12, h: int = 20, w: int = 24, seed: int = 0) -> torch.Tensor:
@@ -77,7 +83,7 @@ def test_hue_matches_torchvision():
 
 def test_color_jitter_matches_torchvision_in_each_sample_order():
     x = images(64, 12, 12)
-    p = A.sample_params(64, 12, 12, strong(12), gen(2))
+    p = A.sample_params(12, 12, strong(12), draws(64, 2))
     expected = []
     for i in range(64):
         y = x[i]
@@ -129,7 +135,7 @@ def test_crop_distribution_matches_random_resized_crop(h, w, scale, ratio):
     torch.manual_seed(0)
     ref = torch.tensor([T.RandomResizedCrop.get_params(torch.empty(3, h, w), scale, ratio) for _ in range(n)])
     ref = torch.stack([ref[:, 1], ref[:, 0], ref[:, 3], ref[:, 2]], 1)  # (i, j, h, w) -> (x0, y0, w, h)
-    ours = A.sample_crops(4 * n, h, w, scale, ratio, gen())
+    ours = A.sample_crops(h, w, scale, ratio, draws(4 * n))
     assert ours.min() >= 0 and (ours[:, 0] + ours[:, 2]).max() <= w and (ours[:, 1] + ours[:, 3]).max() <= h
     assert (ours == ours.round()).all()
     for name, ref_values in crop_stats(ref, h, w).items():
@@ -142,11 +148,23 @@ def test_crop_distribution_matches_random_resized_crop(h, w, scale, ratio):
     assert abs(rate(ours) - rate(ref)) < 0.04
 
 
+def test_crops_of_images_of_different_sizes_fit_each_image():
+    """Per-sample sizes (the DALI pipeline's files): each box inside its own image, as drawn for that size alone."""
+    heights, widths = torch.tensor([20.0, 300.0, 64.0, 31.0]).repeat(50), torch.tensor([40.0, 200.0, 64.0, 9.0]).repeat(50)
+    boxes = A.sample_crops(heights, widths, (0.2, 1.0), (3 / 4, 4 / 3), draws(200))
+    x0, y0, w, h = boxes.unbind(1)
+    assert (x0 >= 0).all() and (y0 >= 0).all() and (x0 + w <= widths).all() and (y0 + h <= heights).all()
+    area = w * h / (heights * widths)
+    assert area.min() > 0.15 and area.max() <= 1
+    alone = A.sample_crops(20, 40, (0.2, 1.0), (3 / 4, 4 / 3), draws(200))
+    assert torch.equal(boxes[0::4], alone[0::4])  # a sample's draws do not depend on the others'
+
+
 def test_op_rates_and_factor_ranges_follow_the_spec():
     spec = ViewSpec(16, jitter=(0.4, 0.3, 0.2, 0.1), jitter_p=0.8, grayscale_p=0.2, blur_p=0.5, solarize_p=0.3,
                     flip_p=0.4)
     n = 20000
-    p = A.sample_params(n, 16, 16, spec, gen())
+    p = A.sample_params(16, 16, spec, draws(n))
     identity = torch.tensor([1.0, 1.0, 1.0, 0.0])
     fired = (p["jitter"] != identity).any(1)
     tol = 4 * math.sqrt(0.25 / n)
@@ -177,7 +195,7 @@ def test_view_statistics_match_the_torchvision_pipeline():
     torch.manual_seed(0)
     transform = to_torchvision(spec)
     ref = torch.stack([transform(img) for _ in range(800)]).float() / 255
-    ours = A.view(img.expand(4000, -1, -1, -1), spec, gen())
+    ours = A.view(img.expand(4000, -1, -1, -1), spec, draws(4000))
 
     def stats(v):
         span = v.amax(1) - v.amin(1)  # per-pixel saturation, as max - min
@@ -188,7 +206,7 @@ def test_view_statistics_match_the_torchvision_pipeline():
     assert ks_distance(mean, mean_ref) < 0.07 and ks_distance(sat, sat_ref) < 0.07
 
 
-# ---- the loader ----
+# ---- the loader (the contract every pipeline keeps: tests/test_loaders.py) ----
 
 def tiny_set(n: int = 100, side: int = 8) -> ImageSet:
     """Image i is one flat colour and has label i, so a batch shows which samples it holds."""
@@ -202,34 +220,12 @@ def views(size: int = 8) -> dict[str, ViewSpec]:
     return {"weak": weak(size, mean=mean, std=std), "strong": strong(size, blur_p=0.5, mean=mean, std=std)}
 
 
-def loader(images: ImageSet, **kw):
-    return build("tensor", images, kw.pop("views", views()), batch_size=kw.pop("batch_size", 10), device=CPU, **kw)
+def loader(images: ImageSet, batch_size: int = 10, device=CPU, **kw):
+    return build("tensor", images, kw.pop("views", views()), Shard(batch=batch_size), device, **kw)
 
 
 def labels(batches) -> torch.Tensor:
     return torch.cat([b["label"] for b in batches])
-
-
-def test_exact_epochs_reshuffled_and_sharded():
-    data = tiny_set(103)
-    run = loader(data, seed=1)
-    assert len(run) == 10
-    first, second = labels(run.epoch(0)), labels(run.epoch(1))
-    assert sorted(first.tolist()) == sorted(set(first.tolist())) and len(first) == 100  # each once, whole batches
-    assert not torch.equal(first, second)
-    shards = [labels(loader(data, seed=1, rank=r, world=2).epoch(0)) for r in range(2)]
-    assert len(shards[0]) == len(shards[1]) == 50 and not set(shards[0].tolist()) & set(shards[1].tolist())
-
-
-def test_batches_are_seeded_and_resume_mid_epoch():
-    data = tiny_set()
-    a, b = list(loader(data, seed=3).epoch(2)), list(loader(data, seed=3).epoch(2))
-    for x, y in zip(a, b):
-        assert all(torch.equal(x[k], y[k]) for k in x)
-    resumed = list(loader(data, seed=3).epoch(2, start_batch=4))
-    assert len(resumed) == 6 and all(torch.equal(x[k], y[k]) for x, y in zip(a[4:], resumed) for k in x)
-    other = next(loader(data, seed=4).epoch(2))
-    assert not torch.equal(other["strong"], a[0]["strong"])
 
 
 def test_batch_layout_normalisation_and_a_weak_view_without_colour_change():
@@ -257,7 +253,7 @@ def test_image_folder_is_decoded_once_at_the_view_size(tmp_path):
     from fastssl.data import load
     folder = load(str(tmp_path))
     run = loader(folder, batch_size=2, views=views(12))
-    assert run.images.shape == (4, 12, 12, 3) and run.images.dtype == torch.uint8
+    assert run.pixels.shape == (4, 12, 12, 3) and run.pixels.dtype == torch.uint8
     assert sorted(labels(run.epoch(0)).tolist()) == [0, 0, 1, 1]
     with pytest.raises(UserError, match="at most 128 px"):
         loader(folder, batch_size=2, views=views(160))
@@ -275,10 +271,10 @@ def test_refuses_a_set_that_does_not_fit(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_batches_match_cpu_ops_and_never_wait_for_the_gpu():
     cuda, spec, x = torch.device("cuda"), resa_strong(16, blur_p=0.5), images()
-    p = A.sample_params(len(x), 20, 24, spec, gen())
+    p = A.sample_params(20, 24, spec, draws(len(x)))
     make = lambda x, p: A.photometric(A.resized_crop(x, p["boxes"], p["flip"], 16), spec, p)  # noqa: E731
     close(make(x.to(cuda), {k: v.to(cuda) for k, v in p.items()}).cpu(), make(x, p), 1e-4)
-    batches = build("tensor", tiny_set(), views(), batch_size=10, device=cuda).epoch(0)
+    batches = loader(tiny_set(), device=cuda).epoch(0)
     next(batches)  # the epoch's indices and the constants go to the GPU once
     torch.cuda.set_sync_debug_mode("error")
     try:

@@ -99,10 +99,10 @@ class Method(nn.Module):
         if sync_bn:
             self.student = nn.SyncBatchNorm.convert_sync_batchnorm(self.student)
             self.teacher = nn.SyncBatchNorm.convert_sync_batchnorm(self.teacher)
-        # BN running statistics are averaged over ranks when they are read (fastssl.dist), not broadcast at
-        # every forward.
+        # BN running statistics are averaged over ranks when they are read (fastssl.dist), not broadcast from
+        # rank 0 at every forward.
         ddp = DistributedDataParallel(PerView(self.student), device_ids=[device.index] if device.type == "cuda"
-                                      else None, broadcast_buffers=False)
+                                      else None, forward_sync_buffers=False)
         object.__setattr__(self, "_student_call", ddp)
 
     def compile(self) -> None:

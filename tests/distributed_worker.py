@@ -1,0 +1,19 @@
+"""Run under torchrun by test_distributed.py: trains the TrainConfig given as JSON (fastssl.train's setup and loop,
+as `fastssl train` runs them), then saves this rank's queue, which the test compares across ranks."""
+
+import json
+import sys
+
+import torch
+
+from fastssl import dist
+from fastssl.config import TrainConfig
+from fastssl.train import loop, setup
+
+cfg = TrainConfig(**json.loads(sys.argv[1]))
+run = setup(cfg)
+try:
+    loop(run)
+    torch.save(run.method.queue.rows, f"{cfg.out}/queue-rank{dist.rank()}.pt")
+finally:
+    dist.destroy()
