@@ -12,6 +12,9 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# Set to 1, the benchmarks behave as on a CPU without native bf16 (for testing that path on a CPU that has it).
+NO_BF16_ENV = "FASTSSL_BENCH_NO_BF16"
+NO_BF16 = "skipped: no native bf16"
 
 
 def summary(values: list[float]) -> dict:
@@ -27,6 +30,15 @@ def pick_device(device: str) -> str:
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda asked for but no CUDA device is visible; use --device cpu or auto")
     return device
+
+
+def native_bf16(device: str) -> bool:
+    """Whether bf16 runs natively here: on CUDA where supported, on CPUs with AVX512-BF16 or AMX. Elsewhere it is
+    emulated (an AVX2 CPU takes many times the fp32 time), so the benchmarks skip their bf16 cases."""
+    if device == "cuda":
+        return torch.cuda.is_bf16_supported()
+    from fastssl.device import cpu_has_bf16
+    return os.environ.get(NO_BF16_ENV, "0") != "1" and cpu_has_bf16()
 
 
 def device_name(device: str) -> str:

@@ -6,7 +6,8 @@ Runs `fastssl train --max-steps N` once per pipeline in a fresh process, on Fash
 that `fastssl convert` makes first, in a temporary folder). The trainer logs images/s per window of `--log-every`
 steps (the step time only: kNN monitoring and start-up are left out); the figure is the median over the windows
 after the first, which holds the warm-up (FFCV's and torch.compile's compilation, DataLoader workers starting).
-A pipeline whose package is not installed is reported as skipped.
+A pipeline whose package is not installed is reported as skipped. The runs are bf16 where it is native, else fp32
+(what `--precision auto` picks; common.native_bf16 can also be told to act as without it).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import RESULTS, device_name, pick_device, summary, write
+from common import RESULTS, device_name, native_bf16, pick_device, summary, write
 
 PIPELINES = {"torch": None, "tensor": None, "dali": "nvidia.dali", "ffcv": "ffcv"}  # name: the package it needs
 
@@ -49,6 +50,7 @@ def run(mode: str = "full", device: str = "auto", out_dir: str | None = None) ->
     device = pick_device(device)
     shape = defaults(device, mode)
     windows = shape["windows"]
+    precision = "bf16" if native_bf16(device) else "fp32"
     rates, skipped = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -66,16 +68,18 @@ def run(mode: str = "full", device: str = "auto", out_dir: str | None = None) ->
             _fastssl("train", "--data", data, "--pipeline", pipeline, "--arch", shape["arch"], "--batch-size",
                      str(shape["batch"]), "--max-steps", str((windows + 1) * shape["window"]), "--log-every",
                      str(shape["window"]), "--knn-every", "0", "--knn-bank", "1000", "--knn-queries", "200",
-                     "--device", device, "--out", str(run_dir))
+                     "--device", device, "--precision", precision, "--out", str(run_dir))
             rates[pipeline] = summary(_window_rates(run_dir)[1:])
     results = {"device": device_name(device), "data": "fashion-mnist (28 px)", "method": "ressl", **shape,
+               "precision": precision,
                "windows": windows, "images_per_s": rates, "skipped": skipped}
     write(out_dir, "end_to_end", results, to_markdown(results))
     return results
 
 
 def to_markdown(results: dict) -> str:
-    lines = [f"End-to-end `fastssl train` (ReSSL, {results['arch']}, batch {results['batch']}, {results['data']}); "
+    lines = [f"End-to-end `fastssl train` (ReSSL, {results['arch']}, batch {results['batch']}, {results['data']}, "
+             f"{results['precision']}); "
              f"{results['device']}; images/s, median (min-max) of {results['windows']} windows of {results['window']} "
              f"steps after a warm-up window.", "", "| pipeline | images/s |", "|---|---:|"]
     for name, r in results["images_per_s"].items():

@@ -4,10 +4,12 @@
 
 Every method trains with the same backbone, epochs, batch and images through `--pipeline tensor`, each with its
 own recipe defaults (lr, temperatures, heads, momentum), in a fresh subprocess so that peak memory is its own.
-Per method: weighted kNN top-1 (k=200, T=0.1) after every epoch, training images/s (steps only, not the kNN
-monitor), peak memory (the process's max RSS on CPU, torch.cuda.max_memory_allocated on CUDA) and student
-backward passes per image. Writes methods_study.json, methods_study.md (table) and methods_study.png (kNN vs
-epoch) to --out; each run's folder (metrics.csv, checkpoint, config.json) goes to --out/methods_study_runs/.
+Per method: weighted kNN top-1 (k=200, T=0.1) after every epoch; at the end, the clustering quality of the same
+queries' features (ReSA's lens: k-means with k = 10 classes on the L2-normalised features, NMI, ARI and cluster
+accuracy, fastssl.evaluate.cluster_scores); training images/s (steps only, not the kNN monitor), peak memory (the
+process's max RSS on CPU, torch.cuda.max_memory_allocated on CUDA) and student backward passes per image. Writes
+methods_study.json, methods_study.md (table) and methods_study.png (kNN vs epoch) to --out; each run's folder
+(metrics.csv, checkpoint, config.json) goes to --out/methods_study_runs/.
 """
 
 from __future__ import annotations
@@ -29,18 +31,26 @@ QUICK = dict(epochs=1, arch="resnet18-w8", batch_size=64, train_subset=1024, knn
 
 
 def _train_one(settings: dict) -> dict:
-    """Subprocess side: one training run; its summary, peak memory and cost per image."""
+    """Subprocess side: one training run; its summary, clustering scores, peak memory and cost per image."""
     import resource
 
+    from fastssl import pipelines
     from fastssl.config import TrainConfig
+    from fastssl.evaluate import cluster_scores, extract_features
     from fastssl.methods import METHODS
-    from fastssl.train import train
+    from fastssl.train import loop, setup
     cuda = settings["device"] == "cuda"
     start = time.perf_counter()
-    summary = train(TrainConfig(**settings))
+    run = setup(TrainConfig(**settings))
+    summary = loop(run)
     peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"knn_history": summary["knn_history"], "images_per_s": summary["images_per_s"], "steps": summary["steps"],
-            "precision": summary["precision"],
+    queries = run.monitor.queries  # the kNN monitor's
+    reader = pipelines.eval_reader(run.cfg.pipeline, queries, run.cfg.image_size, batch_size=512, workers=0)
+    features = extract_features(run.method.evaluated_encoder(), reader, queries.mean_std, run.device,
+                                precision=run.precision, channels_last=run.cfg.channels_last)
+    return {"knn_history": summary["knn_history"],
+            "cluster": cluster_scores(features, queries.labels, seed=run.cfg.seed),
+            "images_per_s": summary["images_per_s"], "steps": summary["steps"], "precision": summary["precision"],
             "wall_s": time.perf_counter() - start, "peak_memory_mib": peak / 2**20,
             "peak_memory_kind": "torch.cuda.max_memory_allocated" if cuda else "process max RSS",
             "backprops_per_image": METHODS[settings["method"]].backprops_per_image,
@@ -84,14 +94,18 @@ def to_markdown(results: dict) -> str:
     lines = [f"Fashion-MNIST, {results['arch']}, {results['epochs']} epochs, batch {results['batch_size']}, {subset}, "
              f"--pipeline tensor, {precision} (--precision {results['precision']}); {results['device']}, "
              f"torch {results['torch']}. Weighted kNN "
-             f"top-1 (k=200, T=0.1; bank {bank}, queries {queries}); each method with its own recipe defaults.", "",
-             "| method | kNN top-1 (final) | best (epoch) | random init | images/s | peak memory (MiB) "
-             "| backprops/image |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             f"top-1 (k=200, T=0.1; bank {bank}, queries {queries}) and, at the end, k-means on the queries' "
+             f"L2-normalised features (k = 10 classes): NMI, ARI, cluster accuracy (Hungarian matching); each method "
+             f"with its own recipe defaults.", "",
+             "| method | kNN top-1 (final) | best (epoch) | random init | NMI | ARI | cluster acc | images/s "
+             "| peak memory (MiB) | backprops/image |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for method, r in results["methods"].items():
         history = r["knn_history"]
         best_epoch, best = max(history, key=lambda h: h[1])
+        c = r["cluster"]
         lines.append(f"| {method} | {history[-1][1]:.2f} | {best:.2f} ({best_epoch}) | {history[0][1]:.2f} "
+                     f"| {c['nmi']:.3f} | {c['ari']:.3f} | {100 * c['acc']:.2f} "
                      f"| {r['images_per_s']:.0f} | {r['peak_memory_mib']:.0f} | {r['backprops_per_image']} |")
     kinds = {r["peak_memory_kind"] for r in results["methods"].values()}
     lines += ["", f"Peak memory: {', '.join(sorted(kinds))} of each method's own process (data set and kNN monitor "

@@ -3,12 +3,16 @@
     python bench/step.py [--quick] [--device auto|cpu|cuda] [--arch A] [--size S] [--batch B] [--out DIR]
 
 Times `fastssl.train.train_step` (the loop's own step: the method's loss under autocast, backward, SGD, queue)
-on random views of the method's view sizes, so the pipeline is left out. Every (method, setting) runs in a fresh
-subprocess: warm-up steps (torch.compile compiles there), then `reps` timed runs of `steps` steps; images/s is
-the median with its spread. Peak memory is what training needs above the built model (activations, gradients,
-optimizer state): torch.cuda.max_memory_allocated on CUDA, the resident-set high-water mark on CPU.
+on random views of the method's view sizes, so the pipeline is left out; the method is built as the trainer
+builds it (`build_method` with the default split BN, `method.compile()` for the compiled setting). Every (method,
+setting) runs in a fresh subprocess: warm-up steps (torch.compile compiles there), then `reps` timed runs of
+`steps` steps; images/s is the median with its spread. Peak memory is what training needs above the built model
+(activations, gradients, optimizer state): torch.cuda.max_memory_allocated on CUDA, the resident-set high-water
+mark on CPU.
 Model FLOPs per image are counted by torch's FlopCounterMode over one step (forward, backward and the teacher's
 forward); MFU = FLOPs per image x images/s / the matmul peak measured in the same run, in the setting's dtype.
+Where bf16 is not native (a CPU without AVX512-BF16 or AMX, where it is emulated and slow) the bf16 settings and
+the bf16 peak are reported as skipped (common.native_bf16).
 """
 
 from __future__ import annotations
@@ -18,8 +22,8 @@ import time
 
 import torch
 
-from common import (RESULTS, can_measure_cpu_memory, cpu_peak, device_name, pick_device, reset_cpu_peak,
-                    run_script, summary, sync, write)
+from common import (NO_BF16, RESULTS, can_measure_cpu_memory, cpu_peak, device_name, native_bf16, pick_device,
+                    reset_cpu_peak, run_script, summary, sync, write)
 
 # name: (precision, channels_last, compile)
 SETTINGS = {"fp32": ("fp32", False, False), "fp32 channels_last": ("fp32", True, False),
@@ -41,14 +45,15 @@ def defaults(device: str, mode: str) -> dict:
 
 def _build(method: str, arch: str, size: int, batch: int, device: str, setting: str):
     from fastssl.config import TrainConfig
-    from fastssl.train import autocast, build_method
+    from fastssl.device import autocast
+    from fastssl.train import bn_groups, build_method
     precision, channels_last, compiled = SETTINGS[setting]
     dev = torch.device(device)
-    cfg, m = build_method(TrainConfig(method=method, arch=arch, image_size=size, batch_size=batch))
+    cfg = TrainConfig(method=method, arch=arch, image_size=size, batch_size=batch)
+    cfg, m = build_method(cfg, bn_groups(cfg, world=1))
     m.to(dev, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     if compiled:
-        for module in m.children():
-            module.compile()
+        m.compile()
     g = torch.Generator(dev).manual_seed(0)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     views = {role: torch.randn(batch, 3, spec.size, spec.size, generator=g, device=dev).contiguous(memory_format=fmt)
@@ -110,16 +115,16 @@ def _matmul_peak(device: str, dtype: str, reps: int) -> float:
     return best
 
 
-def methods_available() -> list[str]:
+def methods_available() -> dict[str, type]:
     from fastssl.methods import METHODS
-    return [m for m in METHOD_ORDER if m in METHODS]
+    return {m: METHODS[m] for m in METHOD_ORDER if m in METHODS}
 
 
 def run(mode: str = "full", device: str = "auto", arch: str | None = None, size: int | None = None,
         batch: int | None = None, out_dir: str | None = None) -> dict:
     """mode: full (every setting; on CPUs the compiled one for CPU_COMPILED_METHODS only) | quick (fp32 and
     bf16 channels_last, fewer steps) | smoke (the test suite's check that the script runs: a tiny network, one
-    run of one step)."""
+    run of one step). bf16 settings are measured only where bf16 is native."""
     device = pick_device(device)
     shape = {**defaults(device, mode), **{k: v for k, v in dict(arch=arch, size=size, batch=batch).items() if v}}
     steps, reps = {"full": (5, 5), "quick": (3, 3), "smoke": (1, 1)}[mode]
@@ -127,12 +132,18 @@ def run(mode: str = "full", device: str = "auto", arch: str | None = None, size:
         steps *= 4
     settings = list(SETTINGS) if mode == "full" else ["fp32", "bf16 channels_last"]
     methods = methods_available()
-    peaks = {dt: run_script(__file__, "peak", device, dt, str(reps)) for dt in ("float32", "bfloat16")}
+    bf16 = native_bf16(device)
+    peaks = {dt: run_script(__file__, "peak", device, dt, str(reps)) if dt == "float32" or bf16 else None
+             for dt in ("float32", "bfloat16")}
     cases = []
-    for method in methods:
+    for method, cls in methods.items():
         flops = run_script(__file__, "flops", method, shape["arch"], str(shape["size"]), str(shape["batch"]))
         for setting in settings:
             if SETTINGS[setting][2] and device == "cpu" and method not in CPU_COMPILED_METHODS:
+                continue
+            if SETTINGS[setting][0] == "bf16" and not bf16:
+                cases.append({"method": method, "setting": setting, "skipped": NO_BF16,
+                              "backprops_per_image": cls.backprops_per_image})
                 continue
             m = run_script(__file__, "step", method, shape["arch"], str(shape["size"]), str(shape["batch"]), device,
                            setting, str(steps), str(reps))
@@ -141,11 +152,13 @@ def run(mode: str = "full", device: str = "auto", arch: str | None = None, size:
                           "mfu": flops * m["images_per_s"]["median"] / peak})
     ratios = {}
     for setting in settings:  # the 1x-backprop claim: ReSSL's step time over BYOL-symmetric's, same run
-        rate = {c["method"]: c["images_per_s"]["median"] for c in cases if c["setting"] == setting}
+        rate = {c["method"]: c["images_per_s"]["median"] for c in cases if c["setting"] == setting
+                and "skipped" not in c}
         if "ressl" in rate and "byol" in rate:
             ratios[setting] = rate["byol"] / rate["ressl"]
     results = {"device": device_name(device), "torch": torch.__version__, **shape, "steps": steps, "reps": reps,
-               "matmul_peak_flops": peaks, "memory_measured": device == "cuda" or can_measure_cpu_memory(),
+               "native_bf16": bf16, "matmul_peak_flops": peaks,
+               "memory_measured": device == "cuda" or can_measure_cpu_memory(),
                "cases": cases, "ressl_over_byol_step_time": ratios,
                "target": {"max_ressl_over_byol": 0.55,
                           "met": bool(ratios) and all(r <= 0.55 for r in ratios.values())}}
@@ -155,13 +168,17 @@ def run(mode: str = "full", device: str = "auto", arch: str | None = None, size:
 
 def to_markdown(results: dict) -> str:
     peaks = results["matmul_peak_flops"]
-    lines = [f"Training step, {results['arch']} at {results['size']} px, batch {results['batch']}; {results['device']}, "
-             f"torch {results['torch']}; images/s median (min-max) of {results['reps']} runs of {results['steps']} "
-             f"steps. Matmul peak measured in this run: fp32 {peaks['float32'] / 1e9:.0f} GFLOP/s, "
-             f"bf16 {peaks['bfloat16'] / 1e9:.0f} GFLOP/s.", "",
+    bf16 = f"{peaks['bfloat16'] / 1e9:.0f} GFLOP/s" if peaks["bfloat16"] else NO_BF16
+    lines = [f"Training step, {results['arch']} at {results['size']} px, batch {results['batch']}; "
+             f"{results['device']}, torch {results['torch']}; images/s median (min-max) of {results['reps']} runs of "
+             f"{results['steps']} steps. Matmul peak measured in this run: fp32 {peaks['float32'] / 1e9:.0f} "
+             f"GFLOP/s, bf16 {bf16}.", "",
              "| method | setting | backprops/image | images/s | peak extra MiB | GFLOP/image | MFU |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for c in results["cases"]:
+        if "skipped" in c:
+            lines.append(f"| {c['method']} | {c['setting']} | {c['backprops_per_image']} | {c['skipped']} | | | |")
+            continue
         r = c["images_per_s"]
         lines.append(f"| {c['method']} | {c['setting']} | {c['backprops_per_image']} | {r['median']:.1f} "
                      f"({r['min']:.1f}-{r['max']:.1f}) | {c['peak_extra_mib']:.0f} | {c['flops_per_image'] / 1e9:.2f} "

@@ -2,12 +2,15 @@
 
     python bench/throughput.py [--quick | --smoke] [--device auto|cpu|cuda] [--data DIR] [--out DIR]
 
-Runs the four benchmarks in turn (each also runs alone: bench/pipelines.py, bench/loss.py, bench/step.py,
+Runs the four benchmarks in turn (each also runs alone: bench/loaders.py, bench/loss.py, bench/step.py,
 bench/end_to_end.py) and writes `results.json` (device, versions, settings, every figure), `results.md` (their
 tables) and `throughput.png` (bar charts) to --out (default bench/results/), and prints the tables. Every figure
 is the median of repeated timed runs after warm-up, with its spread; ratios are taken within this run.
 `--quick` runs fewer shapes, settings and repetitions (about 5 minutes on 2 CPU cores). `--smoke` is the test
 suite's check that every section runs and writes its results: tiny shapes, one run each; its figures mean nothing.
+bf16 cases run only where bf16 is native (CUDA, CPUs with AVX512-BF16 or AMX); elsewhere bf16 is emulated and
+slow, and they are reported as "skipped: no native bf16". FASTSSL_BENCH_NO_BF16=1 makes a run behave as on a CPU
+without native bf16, to test that path on one that has it.
 """
 
 from __future__ import annotations
@@ -21,8 +24,8 @@ from importlib import metadata
 from pathlib import Path
 
 import end_to_end
+import loaders
 import loss
-import pipelines
 import step
 import torch
 from common import RESULTS, device_name, pick_device
@@ -44,7 +47,7 @@ def run(mode: str, device: str, data: str | None, out_dir: str) -> dict:
     """mode: full | quick | smoke."""
     device = pick_device(device)
     sections = {}
-    for name, fn in (("loader", lambda: pipelines.run(mode, device=device, data_dir=data, out_dir=out_dir)),
+    for name, fn in (("loader", lambda: loaders.run(mode, device=device, data_dir=data, out_dir=out_dir)),
                      ("loss", lambda: loss.run(mode, device=device, out_dir=out_dir)),
                      ("step", lambda: step.run(mode, device=device, out_dir=out_dir)),
                      ("end_to_end", lambda: end_to_end.run(mode, device=device, out_dir=out_dir))):
@@ -67,7 +70,7 @@ def to_markdown(results: dict) -> str:
     head = [f"# fastssl throughput on {results['device']}", "",
             "Versions: " + ", ".join(f"{k} {v[k]}" for k in v if v[k]) + ". Made by `python bench/throughput.py"
             + ("" if results["mode"] == "full" else f" --{results['mode']}") + "`.", ""]
-    parts = [("Loaders: two views per image", pipelines.to_markdown(results["loader"])),
+    parts = [("Loaders: two views per image", loaders.to_markdown(results["loader"])),
              ("Relational loss: reference vs fused", loss.to_markdown(results["loss"])),
              ("Training step: 1x vs 2x backprop, precision and layout", step.to_markdown(results["step"])),
              ("End to end: `fastssl train` per pipeline", end_to_end.to_markdown(results["end_to_end"]))]
@@ -93,7 +96,7 @@ def plot(results: dict, path: Path) -> None:
     target = [c for c in results["loss"]["cases"] if (c["K"], c["D"]) == (65536, 256)] or results["loss"]["cases"]
     bars(axes[1], [c["impl"] for c in target], [c["ms"]["median"] for c in target],
          f"relational loss fwd+bwd, K={target[0]['K']} D={target[0]['D']}", "ms")
-    cases = results["step"]["cases"]
+    cases = [c for c in results["step"]["cases"] if "skipped" not in c]
     bars(axes[2], [f"{c['method']} {c['setting']}" for c in cases], [c["images_per_s"]["median"] for c in cases],
          f"training step, {results['step']['arch']} {results['step']['size']} px", "images/s")
     e2e = results["end_to_end"]["images_per_s"]

@@ -1,8 +1,8 @@
-"""Pipeline benchmark: two-view (ReSSL weak + strong) images/s of each pipeline, against the decode-only limit.
+"""Loader benchmark: two-view (ReSSL weak + strong) images/s of each pipeline, against the decode-only limit.
 
-    python bench/pipelines.py [--quick] [--device auto|cpu|cuda] [--data DIR] [--out DIR]
+    python bench/loaders.py [--quick] [--device auto|cpu|cuda] [--data DIR] [--out DIR]
 
-Writes pipelines.json and pipelines.md to --out (default bench/results/) and prints the table.
+Writes loaders.json and loaders.md to --out (default bench/results/) and prints the table.
 
 224 px, from ImageNet-like JPEGs: --data (an ImageFolder root; its train/ split), or else a tree written once
 under --out by upscaling Fashion-MNIST images to 400-500 px a side with a colour per image and film grain
@@ -10,9 +10,9 @@ under --out by upscaling Fashion-MNIST images to 400-500 px a side with a colour
 from that tree (JPEG, quality 90). 32 px: a Fashion-MNIST slice in memory (FFCV: its .beton, raw pixels).
 Rows: the torchvision DataLoader with 2 workers (how the official codes load: the baseline), DALI, FFCV, the
 tensor pipeline (32 px only), and decode-only: DALI's reader and decoder alone on the same files (libjpeg-turbo
-on CPU, nvJPEG on CUDA), the limit of any pipeline that decodes them. Every pipeline gets 2 workers/threads; the main process keeps one
-intra-op thread (contending threads on a small CPU cost far more than they give), except for the tensor pipeline,
-whose two threads are its workers.
+on CPU, nvJPEG on CUDA), the limit of any pipeline that decodes them. Every pipeline gets 2 workers/threads; the
+main process keeps one intra-op thread (contending threads on a small CPU cost far more than they give), except for
+the tensor pipeline, whose two threads are its workers.
 Each run is one epoch; its rate counts the batches after the first, so start-up (workers forking, FFCV
 starting its thread, DALI refilling its queue) is left out alike. The first run of each pipeline is a warm-up
 (FFCV compiles its pipeline then); the pipelines take turns run by run, so that load from other processes hits
@@ -32,9 +32,11 @@ from common import RESULTS, device_name, pick_device, summary, sync, write
 from PIL import Image
 
 from fastssl import data
+from fastssl.beton import write_beton
 from fastssl.config import TrainConfig
 from fastssl.methods.ressl import ReSSL
 from fastssl.pipelines import build
+from fastssl.pipelines.common import Shard
 
 WORKERS = 2
 TARGET = {"vs_torchvision": 3.0, "vs_decode": 0.8}  # the bar for the best pipeline at 224 px
@@ -64,7 +66,6 @@ def imagenet_like(root: Path, n: int, seed: int = 0) -> Path:
 
 def beton_of(images: data.ImageSet, path: Path, **options) -> data.ImageSet:
     """The same images as a .beton (written once)."""
-    from fastssl.pipelines.convert import write_beton
     if not path.exists():
         largest = None if images.in_memory else max(w * h for w, h in (Image.open(f).size for f in images.files))
         write_beton(images, path, largest=largest, workers=WORKERS, **options)
@@ -129,12 +130,12 @@ def _available(kind: str) -> bool:
 def _loaders(images: data.ImageSet, beton: data.ImageSet | None, size: int, batch_size: int,
              device: torch.device, kinds: list[str]) -> dict:
     views = ReSSL.views(TrainConfig(), size, *images.mean_std)
-    kw = dict(batch_size=batch_size, device=device, workers=WORKERS, seed=0)
     loaders = {}
     for kind in kinds:
         if kind in ("dali", "ffcv") and not _available(kind):
             continue
-        loaders[kind] = build(kind, beton if kind == "ffcv" else images, views, **kw)
+        loaders[kind] = build(kind, beton if kind == "ffcv" else images, views, Shard(batch=batch_size), device,
+                              workers=WORKERS)
     if not images.in_memory and _available("dali"):
         loaders["decode"] = DecodeOnly(images, batch_size, device)
     return loaders
@@ -152,7 +153,7 @@ def run(mode: str = "full", device: str = "auto", data_dir: str | None = None, o
         results = _run(mode, device, data_dir, Path(out_dir or RESULTS))
     finally:
         torch.set_num_threads(threads)
-    write(out_dir, "pipelines", results, to_markdown(results))
+    write(out_dir, "loaders", results, to_markdown(results))
     return results
 
 
@@ -223,7 +224,7 @@ def main():
     parser.add_argument("--quick", action="store_true", help="fewer images and runs (a few minutes on 2 CPU cores)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--data", default=None, help="ImageFolder root for the 224 px rows (default: a generated tree)")
-    parser.add_argument("--out", default=str(RESULTS), help="folder for pipelines.json and .md, and generated data")
+    parser.add_argument("--out", default=str(RESULTS), help="folder for loaders.json and .md, and generated data")
     args = parser.parse_args()
     print(to_markdown(run("quick" if args.quick else "full", args.device, args.data, args.out)), end="")
 
