@@ -232,10 +232,9 @@ def setup(cfg: TrainConfig, given: dict | None = None) -> Run:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(warmup_steps, total_steps, cfg.final_lr_ratio))
 
     queries, no_monitor = data.eval_split(cfg.data, cfg.data_val) if train_set.labelled else (None, "no labels")
-    monitor = None
+    monitor, auto = None, cfg.knn_every is None
     if queries is not None:
         monitor = KnnMonitor(cfg, train_set, queries, size, device, precision, workers)
-        auto = cfg.knn_every is None
         cfg = dataclasses.replace(cfg, knn_every=auto_interval(len(monitor.bank) + len(monitor.queries),
                                                                len(train_set)) if auto else cfg.knn_every)
     run = Run(cfg, Path(cfg.out), device, precision, method, loader, opt, sched, monitor, steps_per_epoch,
@@ -246,23 +245,30 @@ def setup(cfg: TrainConfig, given: dict | None = None) -> Run:
     if run.main:
         run.out.mkdir(parents=True, exist_ok=True)
         (run.out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-        capped = f" (a fifth of the run; the recipe's {cfg.warmup_epochs:g})" if warmup_steps < recipe_warmup else ""
-        groups = "SyncBatchNorm over the global batch" if cfg.sync_bn else (
-            f"BN in {bn_groups(cfg, world) * world} groups of {cfg.batch_size // world // bn_groups(cfg, world)}")
-        print(f"fastssl: {cfg.method} | {cfg.arch} @ {size}px ({size_from}) | "
-              f"{len(train_set)} images from {train_set.root} | pipeline {cfg.pipeline}, {workers} workers | {device} "
-              f"{precision}{' channels_last' if cfg.channels_last else ''}{' compiled' if cfg.compile else ''} | "
-              f"{world} process(es), {groups}"
-              f"{f' | views changed: {cfg.views}' if cfg.views else ''}"
-              f"{f' | evaluating the encoder average (decay {cfg.encoder_ema:g})' if cfg.encoder_ema else ''}")
-        print(f"lr {lr:.4g} = {cfg.lr} x batch {cfg.batch_size} / 256 | {cfg.epochs} epochs x {steps_per_epoch} "
-              f"steps | warm-up {warmup_steps / steps_per_epoch:.3g} epochs{capped}, then "
-              f"{'constant' if cfg.final_lr_ratio == 1 else f'cosine to {cfg.final_lr_ratio:g} x lr'}"
-              f"{f' | resuming at step {run.step} from {resumed_from}' if state else ''}"
-              f"{''.join(f' | {c}' for c in changes)}")
-        print(monitor.describe(len(train_set), cfg.knn_every, auto) if monitor else
-              f"kNN monitor off: {no_monitor.rstrip('.')}")
+        _banner(run, train_set, size_from, workers, (warmup_steps, recipe_warmup), changes, no_monitor, auto)
     return run
+
+
+def _banner(run: Run, train_set, size_from: str, workers: int, warmups: tuple[int, int], changes: list[str],
+            no_monitor: str, auto: bool) -> None:
+    """What the run is, in three lines: data, model, device and processes; the schedule; the kNN monitor."""
+    cfg, world, (warmup_steps, recipe_warmup) = run.cfg, dist.world_size(), warmups
+    capped = f" (a fifth of the run; the recipe's {cfg.warmup_epochs:g})" if warmup_steps < recipe_warmup else ""
+    groups = "SyncBatchNorm over the global batch" if cfg.sync_bn else (
+        f"BN in {bn_groups(cfg, world) * world} groups of {cfg.batch_size // world // bn_groups(cfg, world)}")
+    print(f"fastssl: {cfg.method} | {cfg.arch} @ {cfg.image_size}px ({size_from}) | "
+          f"{len(train_set)} images from {train_set.root} | pipeline {cfg.pipeline}, {workers} workers | {run.device} "
+          f"{run.precision}{' channels_last' if cfg.channels_last else ''}{' compiled' if cfg.compile else ''} | "
+          f"{world} process(es), {groups}"
+          f"{f' | views changed: {cfg.views}' if cfg.views else ''}"
+          f"{f' | evaluating the encoder average (decay {cfg.encoder_ema:g})' if cfg.encoder_ema else ''}")
+    print(f"lr {cfg.lr * cfg.batch_size / 256:.4g} = {cfg.lr} x batch {cfg.batch_size} / 256 | {cfg.epochs} epochs x "
+          f"{run.steps_per_epoch} steps | warm-up {warmup_steps / run.steps_per_epoch:.3g} epochs{capped}, then "
+          f"{'constant' if cfg.final_lr_ratio == 1 else f'cosine to {cfg.final_lr_ratio:g} x lr'}"
+          f"{f' | resuming at step {run.step} from {run.saved}' if run.saved else ''}"
+          f"{''.join(f' | {c}' for c in changes)}")
+    print(run.monitor.describe(len(train_set), cfg.knn_every, auto) if run.monitor else
+          f"kNN monitor off: {no_monitor.rstrip('.')}")
 
 
 @contextlib.contextmanager
@@ -308,6 +314,29 @@ def monitor(run: Run, data_bn_stats: bool = False) -> None:
         tqdm.write(f"epoch {epoch:g}: kNN top-1 {accuracy:.2f}%")
 
 
+def log_window(run: Run, logger: Logger, bar: tqdm, loss_sum: torch.Tensor, window: int, seconds: float,
+               stats: dict) -> None:
+    """The loop's only host sync, every --log-every steps: the loss of the window, averaged over the ranks,
+    checked for NaN/Inf, shown and logged."""
+    mean_loss = dist.all_reduce(loss_sum, "mean").item() / window
+    if not math.isfinite(mean_loss):
+        raise _non_finite(run, f"at step {run.step} (mean loss {mean_loss} over the last {window})")
+    rate, lr = window * run.cfg.batch_size / seconds, run.sched.get_last_lr()[0]
+    # shown at the bar's next refresh: a refresh here would print a stale count
+    bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{rate:.0f}", lr=f"{lr:.3g}", refresh=False)
+    with _writing(run, run.out / "metrics.csv"):
+        logger.log(run.step, loss=mean_loss, lr=lr, images_per_s=rate, **{k: float(v) for k, v in stats.items()})
+
+
+def _stopped(run: Run, signal_name: str | None, unreadable: list[str]) -> Exception:
+    if unreadable:
+        return UserError(f"cannot decode image {unreadable[0]}; stopped at step {run.step} with a checkpoint; "
+                         f"remove or replace it (`fastssl check DATA` lists every bad file), or pass "
+                         f"--skip-bad-images, then run the same command with --resume")
+    return Stopped(f"stopped by {signal_name or 'another process'} at step {run.step}; checkpoint {run.saved}; "
+                   f"continue with the same command and --resume (or --auto-resume)")
+
+
 def loop(run: Run) -> dict:
     """Train to the end of the last epoch (or --max-steps); returns the run's summary. Every rank agrees, step by
     step, whether to stop (a signal, an unreadable image) or checkpoint (--checkpoint-minutes) before the step."""
@@ -340,17 +369,8 @@ def loop(run: Run) -> dict:
                 loss, stats = train_step(run.method, views, run.opt, amp, run.step / run.total_steps)
                 run.sched.step()
                 run.step, run.batch, window, loss_sum = run.step + 1, run.batch + 1, window + 1, loss_sum + loss
-                if run.step % cfg.log_every == 0:  # the loop's only host sync
-                    mean_loss = dist.all_reduce(loss_sum, "mean").item() / window
-                    if not math.isfinite(mean_loss):
-                        raise _non_finite(run, f"at step {run.step} (mean loss {mean_loss} over the last {window})")
-                    rate = window * cfg.batch_size / (time.perf_counter() - window_start)
-                    lr = run.sched.get_last_lr()[0]
-                    bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{rate:.0f}", lr=f"{lr:.3g}",
-                                    refresh=False)  # shown at the next refresh: one here would print a stale count
-                    with _writing(run, run.out / "metrics.csv"):
-                        logger.log(run.step, loss=mean_loss, lr=lr, images_per_s=rate,
-                                   **{k: float(v) for k, v in stats.items()})
+                if run.step % cfg.log_every == 0:
+                    log_window(run, logger, bar, loss_sum, window, time.perf_counter() - window_start, stats)
                     window_start, loss_sum, window = time.perf_counter(), torch.zeros_like(loss_sum), 0
                 if cfg.checkpoint_every and run.step % cfg.checkpoint_every == 0:
                     save(run, loss_sum)
@@ -374,12 +394,7 @@ def loop(run: Run) -> dict:
         vote.close()
     logger.close()
     if stopped:
-        if unreadable:
-            raise UserError(f"cannot decode image {unreadable[0]}; stopped at step {run.step} with a checkpoint; "
-                            f"remove or replace it (`fastssl check DATA` lists every bad file), or pass "
-                            f"--skip-bad-images, then run the same command with --resume")
-        raise Stopped(f"stopped by {signals.received or 'another process'} at step {run.step}; checkpoint "
-                      f"{run.saved}; continue with the same command and --resume (or --auto-resume)")
+        raise _stopped(run, signals.received, unreadable)
     return finish(run, (run.step - step_start) * cfg.batch_size / max(train_seconds, 1e-9), train_seconds)
 
 

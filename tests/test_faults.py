@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 
 from fastssl import checkpoint
 from fastssl.config import TrainConfig
