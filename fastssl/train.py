@@ -350,34 +350,37 @@ def loop(run: Run) -> dict:
     with StopSignals() as signals:
         while run.epoch < cfg.epochs and not stopped:
             run.method.train()
-            bar = tqdm(run.loader.epoch(run.epoch, run.batch), total=run.steps_per_epoch, initial=run.batch,
-                       desc=f"epoch {run.epoch + 1}/{cfg.epochs}", disable=not main, dynamic_ncols=True,
-                       mininterval=0.5 if sys.stderr.isatty() else 30)  # a log file gets a line per 30 s
-            epoch_start = window_start = time.perf_counter()
-            loss_sum, window = torch.zeros((), device=run.device), 0
-            for views in bar:
-                bad = views.pop("bad_files", [])
-                unreadable += [] if cfg.skip_bad_images else bad
-                stopped, due = vote(signals.received or unreadable,
-                                    main and time.monotonic() - last_save > 60 * cfg.checkpoint_minutes > 0)
-                if stopped or due:
-                    save(run, loss_sum)
-                    last_save = time.monotonic()
-                if stopped:
-                    break
-                run.bad_files += bad  # replaced by other images (a stand-in also under torchrun, for one step)
-                loss, stats = train_step(run.method, views, run.opt, amp, run.step / run.total_steps)
-                run.sched.step()
-                run.step, run.batch, window, loss_sum = run.step + 1, run.batch + 1, window + 1, loss_sum + loss
-                if run.step % cfg.log_every == 0:
-                    log_window(run, logger, bar, loss_sum, window, time.perf_counter() - window_start, stats)
-                    window_start, loss_sum, window = time.perf_counter(), torch.zeros_like(loss_sum), 0
-                if cfg.checkpoint_every and run.step % cfg.checkpoint_every == 0:
-                    save(run, loss_sum)
-                    last_save = time.monotonic()
-                if cfg.max_steps and run.step >= cfg.max_steps:
-                    break
-            bar.close()
+            # closed on any exit, an exception included: a DataLoader worker (it ignores the stop signals) left
+            # behind would hang the interpreter's exit
+            with contextlib.closing(run.loader.epoch(run.epoch, run.batch)) as batches:
+                bar = tqdm(batches, total=run.steps_per_epoch, initial=run.batch,
+                           desc=f"epoch {run.epoch + 1}/{cfg.epochs}", disable=not main, dynamic_ncols=True,
+                           mininterval=0.5 if sys.stderr.isatty() else 30)  # a log file gets a line per 30 s
+                epoch_start = window_start = time.perf_counter()
+                loss_sum, window = torch.zeros((), device=run.device), 0
+                for views in bar:
+                    bad = views.pop("bad_files", [])
+                    unreadable += [] if cfg.skip_bad_images else bad
+                    stopped, due = vote(signals.received or unreadable,
+                                        main and time.monotonic() - last_save > 60 * cfg.checkpoint_minutes > 0)
+                    if stopped or due:
+                        save(run, loss_sum)
+                        last_save = time.monotonic()
+                    if stopped:
+                        break
+                    run.bad_files += bad  # replaced by other images (a stand-in also under torchrun, for one step)
+                    loss, stats = train_step(run.method, views, run.opt, amp, run.step / run.total_steps)
+                    run.sched.step()
+                    run.step, run.batch, window, loss_sum = run.step + 1, run.batch + 1, window + 1, loss_sum + loss
+                    if run.step % cfg.log_every == 0:
+                        log_window(run, logger, bar, loss_sum, window, time.perf_counter() - window_start, stats)
+                        window_start, loss_sum, window = time.perf_counter(), torch.zeros_like(loss_sum), 0
+                    if cfg.checkpoint_every and run.step % cfg.checkpoint_every == 0:
+                        save(run, loss_sum)
+                        last_save = time.monotonic()
+                    if cfg.max_steps and run.step >= cfg.max_steps:
+                        break
+                bar.close()
             train_seconds += time.perf_counter() - epoch_start
             if stopped:
                 break
