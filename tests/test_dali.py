@@ -14,7 +14,7 @@ import pytest
 import torch
 from nvidia.dali import Pipeline
 from pipeline_checks import (CPU, PROBE_VIEWS, check_colour_views, check_probe_rates, check_short_run_learns,
-                             probe_set, unique_set)
+                             probe_set)
 from PIL import Image
 
 from fastssl import data
@@ -56,7 +56,7 @@ def unique_folder(tmp_path_factory) -> ImageSet:
 
 @pytest.fixture(scope="module")
 def sets(unique_folder) -> dict[str, ImageSet]:
-    return {"files": unique_folder, "memory": unique_set(30)}
+    return {"files": unique_folder}
 
 
 def test_folder_views_have_the_trainers_layout_and_labels_match_images(colour_folder):
@@ -70,7 +70,7 @@ def test_folder_views_have_the_trainers_layout_and_labels_match_images(colour_fo
     assert flat.is_contiguous() and flat.shape == (8, 3, 24, 24)
 
 
-@pytest.mark.parametrize("kind", ["files", "memory"])
+@pytest.mark.parametrize("kind", ["files"])  # sets in memory: the contract in tests/test_loaders.py
 def test_epochs_follow_the_shared_order_and_resume_exactly_at_any_batch(sets, kind):
     images = sets[kind]
     run = loader(images, 4)
@@ -89,7 +89,7 @@ def test_epochs_follow_the_shared_order_and_resume_exactly_at_any_batch(sets, ki
     assert all(same(a, b) for a, b in zip(epochs[0], run.epoch(0), strict=True))
 
 
-@pytest.mark.parametrize("kind", ["files", "memory"])
+@pytest.mark.parametrize("kind", ["files"])  # sets in memory: the contract in tests/test_loaders.py
 def test_two_ranks_see_at_each_step_what_one_process_sees_at_twice_the_batch(sets, kind):
     """Bitwise: a sample's views depend on (seed, epoch, index) only, and DALI's ops work sample by sample."""
     whole = list(loader(sets[kind], 6).epoch(1))
