@@ -117,3 +117,18 @@ def torch_threads_after(code: str) -> int:
     script = f"import torch; torch.set_num_threads(3); {code}; print(torch.get_num_threads())"
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
     return int(out.split()[-1])
+
+
+def wait_for_steps(out, steps: int, proc, timeout: float = 300) -> None:
+    """Until the run writing to `out` (a background `fastssl train`) has logged `steps` losses in metrics.csv;
+    an AssertionError when it exits or times out first."""
+    import csv
+    import time
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (out / "metrics.csv").exists():
+            with open(out / "metrics.csv") as f:
+                if sum(r["key"] == "loss" for r in csv.DictReader(f)) >= steps:
+                    return
+        time.sleep(0.02)
+    raise AssertionError(f"the run in {out} did not reach step {steps} (exit {proc.poll()})")

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from pipeline_checks import wait_for_steps
 import torch
 
 from fastssl import checkpoint
@@ -181,14 +182,6 @@ def start(cmd: list[str], log: Path) -> subprocess.Popen:
         return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
-def wait_for(out: Path, steps: int, proc: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        if (out / "metrics.csv").exists() and len(losses(out)) >= steps:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"no step {steps} in {out} (exit {proc.poll()})")
-
 
 def rank_stderr(log_dir: Path, rank: int) -> list[str]:
     (path,) = log_dir.glob(f"*/attempt_0/{rank}/stderr.log")
@@ -200,7 +193,7 @@ def test_a_killed_rank_stops_the_other_with_a_one_line_error(tmp_path):
     cmd = torchrun(*cli_args({**BASE, "epochs": 100}), "--out", str(out),
                    launcher=("--standalone", "--log-dir", str(logs), "--redirects", "3"))
     proc = start(cmd, tmp_path / "torchrun.log")
-    wait_for(out, 3, proc)
+    wait_for_steps(out, 3, proc)
     os.kill(rank_pids(proc.pid)[1], signal.SIGKILL)
     killed = time.monotonic()
     proc.wait(timeout=180)
@@ -226,7 +219,7 @@ def test_a_preempted_torchrun_job_resumes_exactly(tmp_path):
     cmd = torchrun(*cli_args(settings), "--out", str(part),
                    launcher=("--standalone", "--log-dir", str(logs), "--redirects", "3"))
     proc = start(cmd, tmp_path / "torchrun.log")
-    wait_for(part, 4, proc)
+    wait_for_steps(part, 4, proc)
     proc.send_signal(signal.SIGTERM)  # what a cluster sends the job; torchrun passes it on to every rank
     proc.wait(timeout=180)
     stopped_at = checkpoint.load(part / "checkpoint.pt")["step"]

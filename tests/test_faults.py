@@ -10,10 +10,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from pipeline_checks import wait_for_steps
 import torch
 
 from fastssl import checkpoint
@@ -58,14 +58,6 @@ def losses(out: Path) -> list[tuple[int, float]]:
         return [(int(r["step"]), float(r["value"])) for r in csv.DictReader(f) if r["key"] == "loss"]
 
 
-def wait_for_step(out: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        if (out / "metrics.csv").exists() and len(losses(out)) >= step:
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"the run did not reach step {step} (exit {proc.poll()})")
-
 
 def error_line(err: str) -> str:
     lines = [line for line in err.strip().splitlines() if "%|" not in line]  # tqdm's bar shares stderr
@@ -85,7 +77,7 @@ def uninterrupted(tmp_path_factory) -> list[tuple[int, float]]:
 def test_a_preempted_run_checkpoints_its_step_and_resumes_exactly(tmp_path, uninterrupted, sig):
     out = tmp_path / "run"
     proc = start(out)
-    wait_for_step(out, 10, proc)
+    wait_for_steps(out, 10, proc)
     proc.send_signal(getattr(signal, sig))
     code, err = finish(proc, out)
     assert code == EXIT_STOPPED, err[-2000:]
@@ -100,7 +92,7 @@ def test_a_preempted_run_checkpoints_its_step_and_resumes_exactly(tmp_path, unin
 def test_kill_9_loses_at_most_the_checkpoint_interval(tmp_path, uninterrupted):
     out = tmp_path / "run"
     proc = start(out, checkpoint_minutes=0.002)  # a checkpoint every 0.12 s (by time; --checkpoint-every: by step)
-    wait_for_step(out, 20, proc)
+    wait_for_steps(out, 20, proc)
     proc.kill()
     proc.wait()
     killed_at = losses(out)[-1][0]
