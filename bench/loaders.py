@@ -142,7 +142,7 @@ def _loaders(images: data.ImageSet, beton: data.ImageSet | None, size: int, batc
 
 
 # (images, batch) at 224 px, (images, batch) at 32 px, timed runs; smoke: the test suite's check that it runs
-SCALE = {"full": (2048, 64, 32768, 256, 5), "quick": (512, 64, 8192, 256, 3), "smoke": (96, 16, 1024, 128, 1)}
+SCALE = {"full": (2048, 64, 32768, 256, 5), "quick": (384, 64, 4096, 256, 2), "smoke": (96, 16, 1024, 128, 1)}
 
 
 def run(mode: str = "full", device: str = "auto", data_dir: str | None = None, out_dir: str | None = None) -> dict:

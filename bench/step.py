@@ -9,8 +9,9 @@ setting) runs in a fresh subprocess: warm-up steps (torch.compile compiles there
 `steps` steps; images/s is the median with its spread. Peak memory is what training needs above the built model
 (activations, gradients, optimizer state): torch.cuda.max_memory_allocated on CUDA, the resident-set high-water
 mark on CPU.
-Model FLOPs per image are counted by torch's FlopCounterMode over one step (forward, backward and the teacher's
-forward); MFU = FLOPs per image x images/s / the matmul peak measured in the same run, in the setting's dtype.
+Model FLOPs per image are counted by torch's FlopCounterMode over the first warm-up step (forward, backward and
+the teacher's forward; the compiled setting, which the counter cannot see into, takes the eager count); MFU = FLOPs
+per image x images/s / the matmul peak measured in the same run, in the setting's dtype.
 Where bf16 is not native (a CPU without AVX512-BF16 or AMX, where it is emulated and slow) the bf16 settings and
 the bf16 peak are reported as skipped (common.native_bf16).
 """
@@ -18,6 +19,7 @@ the bf16 peak are reported as skipped (common.native_bf16).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 
 import torch
@@ -35,11 +37,15 @@ CPU_COMPILED_METHODS = ("ressl",)
 
 
 def defaults(device: str, mode: str) -> dict:
-    """A CIFAR-sized ResNet-18 on a CPU; ImageNet-sized ResNet-50 on a GPU (smoke: tiny, for the test suite)."""
+    """A CIFAR-sized ResNet-18 on a CPU; ImageNet-sized ResNet-50 on a GPU (smoke: tiny, for the test suite). Quick
+    on a CPU: the Fashion-MNIST command's 16-wide ResNet-18, whose steps take a tenth of the full-width one's (the
+    five methods in under two minutes on 2 cores)."""
     if mode == "smoke":
         return {"arch": "resnet18-w8", "size": 16, "batch": 16}
     if device == "cuda":
         return {"arch": "resnet50", "size": 224, "batch": 128}
+    if mode == "quick":
+        return {"arch": "resnet18-w16", "size": 32, "batch": 128}
     return {"arch": "resnet18", "size": 32, "batch": 64}
 
 
@@ -63,13 +69,18 @@ def _build(method: str, arch: str, size: int, batch: int, device: str, setting: 
 
 
 def _measure(method: str, arch: str, size: int, batch: int, device: str, setting: str, steps: int, reps: int) -> dict:
-    """Subprocess side: images/s runs and peak extra memory of one (method, setting)."""
+    """Subprocess side: images/s runs, peak extra memory and model FLOPs per image of one (method, setting)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
     from fastssl.train import train_step
+    compiled = SETTINGS[setting][2]
     m, views, opt, amp = _build(method, arch, size, batch, device, setting)
     base = torch.cuda.memory_allocated() if device == "cuda" else reset_cpu_peak()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    for i in range(3 if SETTINGS[setting][2] else 2):  # warm-up (and compilation)
+    with contextlib.nullcontext() if compiled else FlopCounterMode(display=False) as counter:
+        train_step(m, views, opt, amp, 0.5)
+    for _ in range(2 if compiled else 1):  # the rest of the warm-up (and compilation)
         train_step(m, views, opt, amp, 0.5)
     rates = []
     for _ in range(reps):
@@ -81,18 +92,8 @@ def _measure(method: str, arch: str, size: int, batch: int, device: str, setting
         rates.append(steps * batch / (time.perf_counter() - start))
     peak = torch.cuda.max_memory_allocated() - base if device == "cuda" else cpu_peak() - base
     return {"images_per_s": summary(rates), "peak_extra_mib": peak / 2**20, "loss": float(loss),
-            "backprops_per_image": type(m).backprops_per_image}
-
-
-def _flops_per_image(method: str, arch: str, size: int, batch: int) -> float:
-    """Subprocess side: FLOPs of one training step per image (fp32, CPU; the count does not depend on either)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from fastssl.train import train_step
-    m, views, opt, amp = _build(method, arch, size, batch, "cpu", "fp32")
-    with FlopCounterMode(display=False) as counter:
-        train_step(m, views, opt, amp, 0.5)
-    return counter.get_total_flops() / batch
+            "backprops_per_image": type(m).backprops_per_image,
+            "flops_per_image": counter.get_total_flops() / batch if counter is not None else None}
 
 
 def _matmul_peak(device: str, dtype: str, reps: int) -> float:
@@ -123,11 +124,11 @@ def methods_available() -> dict[str, type]:
 def run(mode: str = "full", device: str = "auto", arch: str | None = None, size: int | None = None,
         batch: int | None = None, out_dir: str | None = None) -> dict:
     """mode: full (every setting; on CPUs the compiled one for CPU_COMPILED_METHODS only) | quick (fp32 and
-    bf16 channels_last, fewer steps) | smoke (the test suite's check that the script runs: a tiny network, one
-    run of one step). bf16 settings are measured only where bf16 is native."""
+    bf16 channels_last, fewer runs; on CPUs a narrower network) | smoke (the test suite's check that the script
+    runs: a tiny network, one run of one step). bf16 settings are measured only where bf16 is native."""
     device = pick_device(device)
     shape = {**defaults(device, mode), **{k: v for k, v in dict(arch=arch, size=size, batch=batch).items() if v}}
-    steps, reps = {"full": (5, 5), "quick": (3, 3), "smoke": (1, 1)}[mode]
+    steps, reps = {"full": (5, 5), "quick": (5, 3), "smoke": (1, 1)}[mode]
     if device == "cuda" and mode != "smoke":
         steps *= 4
     settings = list(SETTINGS) if mode == "full" else ["fp32", "bf16 channels_last"]
@@ -135,9 +136,8 @@ def run(mode: str = "full", device: str = "auto", arch: str | None = None, size:
     bf16 = native_bf16(device)
     peaks = {dt: run_script(__file__, "peak", device, dt, str(reps)) if dt == "float32" or bf16 else None
              for dt in ("float32", "bfloat16")}
-    cases = []
+    cases, flops = [], {}  # flops: per method, counted in its first (eager) setting
     for method, cls in methods.items():
-        flops = run_script(__file__, "flops", method, shape["arch"], str(shape["size"]), str(shape["batch"]))
         for setting in settings:
             if SETTINGS[setting][2] and device == "cpu" and method not in CPU_COMPILED_METHODS:
                 continue
@@ -148,8 +148,9 @@ def run(mode: str = "full", device: str = "auto", arch: str | None = None, size:
             m = run_script(__file__, "step", method, shape["arch"], str(shape["size"]), str(shape["batch"]), device,
                            setting, str(steps), str(reps))
             peak = peaks["bfloat16" if SETTINGS[setting][0] == "bf16" else "float32"]
-            cases.append({"method": method, "setting": setting, **m, "flops_per_image": flops,
-                          "mfu": flops * m["images_per_s"]["median"] / peak})
+            m["flops_per_image"] = flops.setdefault(method, m["flops_per_image"])
+            cases.append({"method": method, "setting": setting, **m,
+                          "mfu": m["flops_per_image"] * m["images_per_s"]["median"] / peak})
     ratios = {}
     for setting in settings:  # the 1x-backprop claim: ReSSL's step time over BYOL-symmetric's, same run
         rate = {c["method"]: c["images_per_s"]["median"] for c in cases if c["setting"] == setting
@@ -193,11 +194,12 @@ def to_markdown(results: dict) -> str:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="two settings, fewer steps")
+    parser.add_argument("--quick", action="store_true", help="two settings, fewer runs (on CPUs a narrower network)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--arch", help="backbone (default: resnet18 on CPU, resnet50 on CUDA)")
+    parser.add_argument("--arch", help="backbone (default: resnet18 on CPU, its 16-wide form with --quick; "
+                                       "resnet50 on CUDA)")
     parser.add_argument("--size", type=int, help="view side in px (default: 32 on CPU, 224 on CUDA)")
-    parser.add_argument("--batch", type=int, help="batch size (default: 64 on CPU, 128 on CUDA)")
+    parser.add_argument("--batch", type=int, help="batch size (default: 64 on CPU, 128 with --quick; 128 on CUDA)")
     parser.add_argument("--out", default=str(RESULTS), help="folder for step.json and step.md")
     parser.add_argument("--_sub", nargs="+", help=argparse.SUPPRESS)  # a measurement, run by run_script
     args = parser.parse_args()
@@ -206,8 +208,6 @@ def main():
         kind, *rest = args._sub
         if kind == "peak":
             print(json.dumps(_matmul_peak(rest[0], rest[1], int(rest[2]))))
-        elif kind == "flops":
-            print(json.dumps(_flops_per_image(rest[0], rest[1], int(rest[2]), int(rest[3]))))
         else:
             method, arch, size, batch, device, setting, steps, reps = rest
             print(json.dumps(_measure(method, arch, int(size), int(batch), device, setting, int(steps), int(reps))))
