@@ -256,8 +256,9 @@ def _banner(run: Run, train_set, size_from: str, workers: int, warmups: tuple[in
     capped = f" (a fifth of the run; the recipe's {cfg.warmup_epochs:g})" if warmup_steps < recipe_warmup else ""
     groups = "SyncBatchNorm over the global batch" if cfg.sync_bn else (
         f"BN in {bn_groups(cfg, world) * world} groups of {cfg.batch_size // world // bn_groups(cfg, world)}")
+    loader = "" if cfg.pipeline == "tensor" else f", {workers} workers"  # the tensor pipeline has no workers
     print(f"fastssl: {cfg.method} | {cfg.arch} @ {cfg.image_size}px ({size_from}) | "
-          f"{len(train_set)} images from {train_set.root} | pipeline {cfg.pipeline}, {workers} workers | {run.device} "
+          f"{len(train_set)} images from {train_set.root} | pipeline {cfg.pipeline}{loader} | {run.device} "
           f"{run.precision}{' channels_last' if cfg.channels_last else ''}{' compiled' if cfg.compile else ''} | "
           f"{world} process(es), {groups}"
           f"{f' | views changed: {cfg.views}' if cfg.views else ''}"
