@@ -119,16 +119,20 @@ def torch_threads_after(code: str) -> int:
     return int(out.split()[-1])
 
 
+def losses(out) -> list[tuple[int, float]]:
+    """(step, loss) as the run in `out` logged them to metrics.csv."""
+    import csv
+    with open(out / "metrics.csv") as f:
+        return [(int(r["step"]), float(r["value"])) for r in csv.DictReader(f) if r["key"] == "loss"]
+
+
 def wait_for_steps(out, steps: int, proc, timeout: float = 300) -> None:
     """Until the run writing to `out` (a background `fastssl train`) has logged `steps` losses in metrics.csv;
     an AssertionError when it exits or times out first."""
-    import csv
     import time
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
-        if (out / "metrics.csv").exists():
-            with open(out / "metrics.csv") as f:
-                if sum(r["key"] == "loss" for r in csv.DictReader(f)) >= steps:
-                    return
+        if (out / "metrics.csv").exists() and len(losses(out)) >= steps:
+            return
         time.sleep(0.02)
     raise AssertionError(f"the run in {out} did not reach step {steps} (exit {proc.poll()})")

@@ -54,11 +54,6 @@ def unique_folder(tmp_path_factory) -> ImageSet:
     return data.load(str(root))
 
 
-@pytest.fixture(scope="module")
-def sets(unique_folder) -> dict[str, ImageSet]:
-    return {"files": unique_folder}
-
-
 def test_folder_views_have_the_trainers_layout_and_labels_match_images(colour_folder):
     images = data.load(str(colour_folder))
     run = loader(images, 16)
@@ -70,9 +65,9 @@ def test_folder_views_have_the_trainers_layout_and_labels_match_images(colour_fo
     assert flat.is_contiguous() and flat.shape == (8, 3, 24, 24)
 
 
-@pytest.mark.parametrize("kind", ["files"])  # sets in memory: the contract in tests/test_loaders.py
-def test_epochs_follow_the_shared_order_and_resume_exactly_at_any_batch(sets, kind):
-    images = sets[kind]
+# sets in memory: the loader contract in tests/test_loaders.py
+def test_epochs_follow_the_shared_order_and_resume_exactly_at_any_batch(unique_folder):
+    images = unique_folder
     run = loader(images, 4)
     assert len(run) == 7  # 30 images: whole batches only
     epochs = [list(run.epoch(e)) for e in range(2)]
@@ -89,11 +84,10 @@ def test_epochs_follow_the_shared_order_and_resume_exactly_at_any_batch(sets, ki
     assert all(same(a, b) for a, b in zip(epochs[0], run.epoch(0), strict=True))
 
 
-@pytest.mark.parametrize("kind", ["files"])  # sets in memory: the contract in tests/test_loaders.py
-def test_two_ranks_see_at_each_step_what_one_process_sees_at_twice_the_batch(sets, kind):
+def test_two_ranks_see_at_each_step_what_one_process_sees_at_twice_the_batch(unique_folder):
     """Bitwise: a sample's views depend on (seed, epoch, index) only, and DALI's ops work sample by sample."""
-    whole = list(loader(sets[kind], 6).epoch(1))
-    ranks = [list(loader(sets[kind], 3, rank=r, world=2).epoch(1)) for r in range(2)]
+    whole = list(loader(unique_folder, 6).epoch(1))
+    ranks = [list(loader(unique_folder, 3, rank=r, world=2).epoch(1)) for r in range(2)]
     assert len(whole) == len(ranks[0]) == len(ranks[1]) == 5
     for step, (a, b) in enumerate(zip(*ranks)):
         assert same(whole[step], {k: torch.cat([a[k], b[k]]) for k in a})

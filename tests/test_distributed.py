@@ -182,7 +182,6 @@ def start(cmd: list[str], log: Path) -> subprocess.Popen:
         return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
-
 def rank_stderr(log_dir: Path, rank: int) -> list[str]:
     (path,) = log_dir.glob(f"*/attempt_0/{rank}/stderr.log")
     return [line for line in path.read_text().splitlines() if line.strip() and "%|" not in line]

@@ -4,7 +4,6 @@ and that the resumed run equals an uninterrupted one, bit for bit on a CPU)."""
 
 from __future__ import annotations
 
-import csv
 import errno
 import os
 import signal
@@ -13,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from pipeline_checks import wait_for_steps
+from pipeline_checks import losses, wait_for_steps
 import torch
 
 from fastssl import checkpoint
@@ -51,12 +50,6 @@ def start(out: Path, **settings) -> subprocess.Popen:
 def finish(proc: subprocess.Popen, out: Path, timeout: float = 600) -> tuple[int, str]:
     proc.wait(timeout=timeout)
     return proc.returncode, Path(f"{out}.log").read_text()
-
-
-def losses(out: Path) -> list[tuple[int, float]]:
-    with open(out / "metrics.csv") as f:
-        return [(int(r["step"]), float(r["value"])) for r in csv.DictReader(f) if r["key"] == "loss"]
-
 
 
 def error_line(err: str) -> str:
