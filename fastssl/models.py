@@ -56,7 +56,37 @@ def build_backbone(arch: str, image_size: int) -> nn.Module:
     net.bn1 = nn.BatchNorm2d(width)
     net.out_dim = int(512 * width / 64) * block.expansion
     net.fc = nn.Identity()
-    return net
+    return subsample_strided_pointwise(net)
+
+
+class SubsampledPointwiseConv2d(nn.Conv2d):
+    """A 1x1 convolution with stride s that, on a CPU, subsamples every s-th pixel and then convolves with stride 1:
+    the same arithmetic and the same weights (state_dict keys unchanged, so checkpoints and backbone.pt stay
+    torchvision's). Other devices run the strided convolution as it is.
+
+    Why: the oneDNN inside torch 2.13 and 2.14 (CPU builds and CUDA builds alike) corrupts the heap in the backward of
+    1x1 stride-2 channels_last convolutions of narrow layers (e.g. 8 -> 16 channels at 48 px; irregularly up to 12
+    input channels) on CPUs with AVX-512 (oneDNN's avx512_core kernels; AVX2 hosts are fine): a segfault or
+    "double free" that takes the process down. That is the downsample shortcut of the narrowed ResNets at 48-64 px.
+    tests/test_torch_canary.py runs torch's bare layer in a subprocess: when an upgrade turns that strict xfail red,
+    torch is fixed and this class can go.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu":
+            return super().forward(x)
+        return F.conv2d(x[:, :, ::self.stride[0], ::self.stride[1]], self.weight, self.bias, 1, 0, 1, self.groups)
+
+
+def subsample_strided_pointwise(module: nn.Module) -> nn.Module:
+    """Every unpadded 1x1 strided Conv2d in `module` becomes a SubsampledPointwiseConv2d holding the same parameters."""
+    for name, child in module.named_children():
+        if (type(child) is nn.Conv2d and child.kernel_size == (1, 1) and child.stride != (1, 1)
+                and child.padding == (0, 0) and child.dilation == (1, 1) and child.padding_mode == "zeros"):
+            child.__class__ = SubsampledPointwiseConv2d  # the same parameters, not new ones: no init draws the seed
+        else:
+            subsample_strided_pointwise(child)
+    return module
 
 
 def mlp(dims: list[int], hidden_bn: bool = False, last_bn: bool = False) -> nn.Sequential:

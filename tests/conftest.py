@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
+from crash_checks import BACKBONES, how_it_ended, run_python
 from PIL import Image
 from pipeline_checks import COLOURS
 
@@ -48,3 +50,13 @@ def pytest_sessionfinish(session, exitstatus):
         p.join(5)
     if left:
         session.exitstatus = 1
+
+
+@pytest.fixture(scope="session")
+def backbones_train_here():
+    """fastssl's backbones at the shapes the tests train, first in a subprocess (crash_checks.py): where torch crashes on
+    them, each test that trains in this process fails by name instead of taking the whole run down."""
+    done = run_python(BACKBONES)
+    if done.returncode:
+        pytest.fail(f"fastssl's backbones crash torch {torch.__version__} on this CPU ({how_it_ended(done)}); nothing "
+                    f"is trained in the test process: see tests/test_torch_canary.py", pytrace=False)

@@ -13,6 +13,8 @@ from fastssl.config import TrainConfig
 from fastssl.evaluate import assignment_scores, cluster_scores
 from fastssl.train import train
 
+pytestmark = pytest.mark.usefixtures("backbones_train_here")
+
 
 def blobs(labels: torch.Tensor, dim: int = 16, seed: int = 0) -> torch.Tensor:
     """One tight, well-separated blob per class."""

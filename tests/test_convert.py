@@ -19,6 +19,8 @@ from fastssl import beton, cli, data
 from fastssl.errors import UserError
 from fastssl.pipelines.convert import check_image, convert
 
+pytestmark = pytest.mark.usefixtures("backbones_train_here")
+
 # file name -> the RGB colour it should hold in the .beton (None: unreadable, left out)
 GOOD = {"a/red.jpg": (220, 30, 30), "a/red.png": (220, 30, 30), "b/cmyk.jpg": (255, 55, 55),
         "b/gray.png": (128, 128, 128), "b/rgba.png": (30, 200, 30), "b/palette.png": (10, 20, 200)}

@@ -17,6 +17,8 @@ from fastssl.queue import EmbeddingQueue
 from fastssl.errors import UserError
 from fastssl.views import ViewSpec, apply_overrides, multi_crop, strong, weak
 
+pytestmark = pytest.mark.usefixtures("backbones_train_here")
+
 
 def unit(*shape, seed=0, dtype=torch.float64):
     return F.normalize(torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype), dim=-1)

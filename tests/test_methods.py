@@ -23,6 +23,8 @@ from fastssl.methods.base import cosine_momentum
 from fastssl.train import train
 from fastssl.views import is_small, strong, weak
 
+pytestmark = pytest.mark.usefixtures("backbones_train_here")
+
 BACKPROPS = {"ressl": 1, "isd": 1, "mocov2": 1, "byol": 2, "resa": 2}
 MEAN_STD = ((0.5,) * 3, (0.25,) * 3)
 

@@ -24,6 +24,8 @@ from fastssl.pipelines.common import SampleRandom, Shard
 from fastssl.pipelines.torch_loader import to_torchvision
 from fastssl.views import ViewSpec, resa_strong, strong, weak
 
+pytestmark = pytest.mark.usefixtures("backbones_train_here")
+
 CPU = torch.device("cpu")
 
 

@@ -15,6 +15,8 @@ from fastssl.config import TrainConfig, load_file, merge
 from fastssl.errors import UserError
 from fastssl.train import build_method, train, train_step
 
+pytestmark = pytest.mark.usefixtures("backbones_train_here")
+
 # A small, fast setting: 8-wide ResNet-18 on a Fashion-MNIST slice through the in-memory pipeline.
 SMALL = dict(method="ressl", arch="resnet18-w8", data="fashion-mnist", pipeline="tensor", batch_size=64,
              queue_size=512, knn_bank=2000, knn_queries=500, device="cpu", log_every=1)
