@@ -92,14 +92,15 @@ def _peak_extra_cpu(impl: str, keys: int, dim: int) -> int:
     return cpu_peak() - rss
 
 
-def run(mode: str = "full", device: str = "auto", out_dir: str | None = None) -> dict:
-    """Benchmark every implementation on every shape of `mode` (full | quick | smoke); write loss.json and loss.md
-    to out_dir if given."""
+def run(mode: str = "full", device: str = "auto", out_dir: str | None = None,
+        shapes: list[tuple[int, int]] | None = None) -> dict:
+    """Benchmark every implementation on every shape of `mode` (full | quick | smoke), or on `shapes` ((K, D) pairs);
+    write loss.json and loss.md to out_dir if given."""
     device = pick_device(device)
     reps = REPS[mode]
     memory_on_cpu = device == "cpu" and can_measure_cpu_memory()
     cases = []
-    for keys, dim in SHAPES[mode]:
+    for keys, dim in shapes or SHAPES[mode]:
         measured = run_script(__file__, "shape", str(keys), str(dim), device, str(reps))
         shape_cases = []
         for impl, m in measured.items():
@@ -159,8 +160,10 @@ def main():
     parser.add_argument("--quick", action="store_true", help="two shapes, fewer runs (about a minute on CPU)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--out", default=str(RESULTS), help="folder for loss.json and loss.md")
+    parser.add_argument("--shapes", help="comma-separated KxD shapes instead of the mode's, e.g. 65536x128,65536x512")
     parser.add_argument("--_sub", nargs="+", help=argparse.SUPPRESS)  # a measurement, run by run_script
     args = parser.parse_args()
+    shapes = args.shapes and [tuple(map(int, shape.split("x"))) for shape in args.shapes.split(",")]
     if args._sub:
         kind, *rest = args._sub
         if kind == "shape":
@@ -170,7 +173,7 @@ def main():
             impl, keys, dim = rest
             print(json.dumps(_peak_extra_cpu(impl, int(keys), int(dim))))
         return
-    print(to_markdown(run("quick" if args.quick else "full", args.device, args.out)), end="")
+    print(to_markdown(run("quick" if args.quick else "full", args.device, args.out, shapes)), end="")
 
 
 if __name__ == "__main__":

@@ -122,17 +122,19 @@ def methods_available() -> dict[str, type]:
 
 
 def run(mode: str = "full", device: str = "auto", arch: str | None = None, size: int | None = None,
-        batch: int | None = None, out_dir: str | None = None) -> dict:
+        batch: int | None = None, out_dir: str | None = None, methods: list[str] | None = None,
+        settings: list[str] | None = None) -> dict:
     """mode: full (every setting; on CPUs the compiled one for CPU_COMPILED_METHODS only) | quick (fp32 and
     bf16 channels_last, fewer runs; on CPUs a narrower network) | smoke (the test suite's check that the script
-    runs: a tiny network, one run of one step). bf16 settings are measured only where bf16 is native."""
+    runs: a tiny network, one run of one step). `methods`, `settings`: a subset (default: all methods, the mode's
+    settings). bf16 settings are measured only where bf16 is native."""
     device = pick_device(device)
     shape = {**defaults(device, mode), **{k: v for k, v in dict(arch=arch, size=size, batch=batch).items() if v}}
     steps, reps = {"full": (5, 5), "quick": (5, 3), "smoke": (1, 1)}[mode]
     if device == "cuda" and mode != "smoke":
         steps *= 4
-    settings = list(SETTINGS) if mode == "full" else ["fp32", "bf16 channels_last"]
-    methods = methods_available()
+    settings = settings or (list(SETTINGS) if mode == "full" else ["fp32", "bf16 channels_last"])
+    methods = {m: cls for m, cls in methods_available().items() if not methods or m in methods}
     bf16 = native_bf16(device)
     peaks = {dt: run_script(__file__, "peak", device, dt, str(reps)) if dt == "float32" or bf16 else None
              for dt in ("float32", "bfloat16")}
@@ -201,8 +203,14 @@ def main():
     parser.add_argument("--size", type=int, help="view side in px (default: 32 on CPU, 224 on CUDA)")
     parser.add_argument("--batch", type=int, help="batch size (default: 64 on CPU, 128 with --quick; 128 on CUDA)")
     parser.add_argument("--out", default=str(RESULTS), help="folder for step.json and step.md")
+    parser.add_argument("--methods", help=f"comma-separated subset of {','.join(METHOD_ORDER)}")
+    parser.add_argument("--settings", help=f"comma-separated subset of {','.join(SETTINGS)}")
     parser.add_argument("--_sub", nargs="+", help=argparse.SUPPRESS)  # a measurement, run by run_script
     args = parser.parse_args()
+    chosen = {name: getattr(args, name).split(",") if getattr(args, name) else None for name in ("methods", "settings")}
+    unknown = set(chosen["settings"] or ()) - set(SETTINGS)
+    if unknown:
+        parser.error(f"unknown settings {sorted(unknown)}; choose from {list(SETTINGS)}")
     if args._sub:
         import json
         kind, *rest = args._sub
@@ -212,8 +220,8 @@ def main():
             method, arch, size, batch, device, setting, steps, reps = rest
             print(json.dumps(_measure(method, arch, int(size), int(batch), device, setting, int(steps), int(reps))))
         return
-    print(to_markdown(run("quick" if args.quick else "full", args.device, args.arch, args.size, args.batch, args.out)),
-          end="")
+    print(to_markdown(run("quick" if args.quick else "full", args.device, args.arch, args.size, args.batch, args.out,
+                          **chosen)), end="")
 
 
 if __name__ == "__main__":

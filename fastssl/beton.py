@@ -101,9 +101,13 @@ def check_options(out: Path, max_resolution: int, jpeg_quality: int, write_mode:
         raise UserError(f"--out {out} must end in .beton, which is how --data recognises it")
     if write_mode not in WRITE_MODES:
         raise UserError(f"unknown write mode {write_mode!r}; choose {' | '.join(WRITE_MODES)}")
-    if not 1 <= jpeg_quality <= 100 or max_resolution < 0 or not 0 <= compress_probability <= 1:
-        raise UserError(f"--jpeg-quality {jpeg_quality} must be in 1..100, --max-resolution {max_resolution} >= 0 "
-                        f"(0: keep), --compress-probability {compress_probability} in [0, 1]")
+    if max_resolution < 1:
+        raise UserError(f"--max-resolution {max_resolution}: a .beton needs a bound on its images' longest side (the "
+                        f"FFCV loader's decode buffers hold the largest image for every sample of its batches in "
+                        f"flight); pass the longest side to keep, e.g. 512 (the default)")
+    if not 1 <= jpeg_quality <= 100 or not 0 <= compress_probability <= 1:
+        raise UserError(f"--jpeg-quality {jpeg_quality} must be in 1..100, --compress-probability "
+                        f"{compress_probability} in [0, 1]")
 
 
 class _Samples:
@@ -130,8 +134,7 @@ class _Samples:
 
 def _page_size(largest_pixels: int, max_resolution: int) -> int:
     """FFCV page for the largest image: a power of two, twice its raw size (JPEG of noise can exceed raw)."""
-    if max_resolution:
-        largest_pixels = min(largest_pixels, max_resolution**2)
+    largest_pixels = min(largest_pixels, max_resolution**2)
     return max(1 << 21, 1 << (6 * largest_pixels - 1).bit_length())  # FFCV's minimum: 2 MiB
 
 
@@ -152,10 +155,10 @@ def write_beton(images: ImageSet, out: Path, *, keep: list[int] | None = None, l
     if images.in_memory:
         side = images.native_size
         largest = side**2
-    side = side and min(side, max_resolution or side)
+    side = side and min(side, max_resolution)
     info = {"kind": images.kind, "classes": images.classes, "images": len(keep), "side": side,
             "max_resolution": max_resolution, "write_mode": write_mode, "jpeg_quality": jpeg_quality, **(info or {})}
-    field = RGBImageField(write_mode=write_mode, max_resolution=max_resolution or None,
+    field = RGBImageField(write_mode=write_mode, max_resolution=max_resolution,
                           smart_threshold=3 * SMART_RAW_PIXELS, jpeg_quality=jpeg_quality,
                           compress_probability=compress_probability)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -93,18 +93,24 @@ def has_run(out: Path) -> bool:
 
 
 def rng_state() -> dict:
+    """The generators' states; on CUDA, only this process's device's (a job resumes on whatever GPUs it gets)."""
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore rng_state()'s generators. The CUDA state goes to this process's device, if it has one (a checkpoint
+    written on a GPU resumes on a CPU); fastssl 0.2 saved one state per visible GPU: this device's, or the first."""
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        if isinstance(cuda, (list, tuple)):
+            cuda = cuda[torch.cuda.current_device()] if torch.cuda.current_device() < len(cuda) else cuda[0]
+        torch.cuda.set_rng_state(cuda)
 
 
 def backbone_state_dict(encoder: torch.nn.Module) -> dict:

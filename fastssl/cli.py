@@ -152,7 +152,8 @@ def convert_command(
         out: Optional[Path] = typer.Option(None, help="the .beton to write (default: SRC_SPLIT.beton); name the "
                                                       "splits NAME_train.beton and NAME_val.beton"),
         split: str = typer.Option("train", help="train | val"),
-        max_resolution: int = typer.Option(512, help="longest side kept in pixels (0: as stored)"),
+        max_resolution: int = typer.Option(512, help="longest side kept in pixels (it bounds the FFCV loader's "
+                                                     "decode buffers)"),
         jpeg_quality: int = typer.Option(90, help="JPEG quality of the stored images"),
         write_mode: str = typer.Option("smart", help="raw (pixels) | jpg | smart (raw up to 64x64 px, JPEG above) "
                                                      "| proportion (JPEG with --compress-probability)"),

@@ -36,7 +36,8 @@ class TrainConfig:
     data_val: str = option("", "the evaluation split (kNN monitor queries) when not beside --data (val/ or test/, "
                                "NAME_val.beton, a named set's test split); 'none': no monitor")
     pipeline: str = option("torch", "data pipeline making the views: torch (torchvision workers) | tensor (small "
-                                    "sets on the device) | dali (folders and named sets) | ffcv (a .beton)")
+                                    "sets on the device) | dali (folders and named sets) | ffcv (a .beton) | nvjpeg "
+                                    "(folders: JPEGs decoded on the GPU by torchvision, no extra package)")
     image_size: int | None = option(None, "training view side in pixels (default: from the data: a named set's "
                                           "size, the images' own side up to 64 px, else 224)")
     epochs: int = option(100, "training epochs")
@@ -66,10 +67,10 @@ class TrainConfig:
     bn_splits: int = option(8, "BatchNorm statistics in this many groups of the global batch, as that many GPUs "
                                "with per-GPU BN compute them (split BN); each process takes bn_splits/processes "
                                "groups (at least 1: per-process BN); 1: BN over each process's batch")
-    sync_bn: bool = option(False, "BatchNorm statistics over the global batch (torch SyncBatchNorm; replaces "
-                                  "--bn-splits). At scale, byol syncs BN (its paper); mocov2 shuffles the "
-                                  "teacher's batch across ranks (shuffle-BN, always on); ressl, isd and resa use "
-                                  "per-GPU BN, which split BN reproduces in one process")
+    sync_bn: bool = option(False, "BatchNorm statistics over the global batch (torch's SyncBatchNorm without its "
+                                  "host sync; replaces --bn-splits; not with --compile). At scale, byol syncs BN "
+                                  "(its paper); mocov2 shuffles the teacher's batch across ranks (shuffle-BN, always "
+                                  "on); ressl, isd and resa use per-GPU BN, which split BN reproduces in one process")
     out: str = option("runs/fastssl", "run folder: checkpoint.pt (and the one before, checkpoint-prev.pt), "
                                       "backbone.pt, metrics.csv, tb/, knn.png, summary.json")
     resume: bool = option(False, "continue the run in --out from its checkpoint, with its settings; options given "

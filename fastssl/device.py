@@ -54,4 +54,6 @@ def autocast(precision: str, device: torch.device):
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A host tensor on `device` without a blocking copy: through pinned memory on CUDA (the caching host
     allocator keeps the pinned buffer until the copy is done)."""
+    if t.device == device:
+        return t
     return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)

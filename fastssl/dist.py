@@ -54,12 +54,13 @@ def barrier() -> None:
 
 
 @torch.no_grad()
-def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate x from every rank along dim 0, in rank order (no gradient). Every rank's x has one shape."""
+def all_gather_cat(x: torch.Tensor, group=None) -> torch.Tensor:
+    """Concatenate x from every rank (of `group`, default all) along dim 0, in rank order (no gradient). Every rank's
+    x has one shape."""
     if not is_dist():
         return x
-    out = [torch.empty_like(x) for _ in range(world_size())]
-    td.all_gather(out, x.contiguous())
+    out = [torch.empty_like(x) for _ in range(td.get_world_size(group))]
+    td.all_gather(out, x.contiguous(), group=group)
     return torch.cat(out)
 
 
@@ -75,12 +76,14 @@ def all_gather_uneven(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def all_reduce(x: torch.Tensor, op: str = "sum") -> torch.Tensor:
-    """x summed (op "sum"), averaged ("mean") or maximised ("max") elementwise over ranks, in place; returns x."""
+def all_reduce(x: torch.Tensor, op: str = "sum", group=None) -> torch.Tensor:
+    """x summed (op "sum"), averaged ("mean") or maximised ("max") elementwise over ranks (of `group`, default all),
+    in place; returns x."""
     if is_dist():
-        td.all_reduce(x, op={"sum": td.ReduceOp.SUM, "max": td.ReduceOp.MAX, "mean": td.ReduceOp.SUM}[op])
+        td.all_reduce(x, op={"sum": td.ReduceOp.SUM, "max": td.ReduceOp.MAX, "mean": td.ReduceOp.SUM}[op],
+                      group=group)
         if op == "mean":
-            x.div_(world_size())
+            x.div_(td.get_world_size(group))
     return x
 
 

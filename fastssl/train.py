@@ -203,9 +203,9 @@ def setup(cfg: TrainConfig, given: dict | None = None) -> Run:
     rank, world = dist.rank(), dist.world_size()
     if cfg.batch_size % world:
         raise UserError(f"batch size {cfg.batch_size} is not divisible by the {world} processes")
-    if cfg.sync_bn and world > 1 and device.type != "cuda":
-        raise UserError("--sync-bn needs GPUs (torch's SyncBatchNorm runs on CUDA only); on CPUs split BN (--bn-splits) "
-                        "gives each process's share of the batch its own statistics")
+    if cfg.sync_bn and cfg.compile and world > 1:
+        raise UserError("--sync-bn with --compile: the BatchNorm layers' collectives would split the compiled graph at "
+                        "every layer; drop one (split BN, the default, compiles whole)")
     precision = pick_precision(cfg.precision, device)
 
     train_set = data.load(cfg.data, "train").subset(cfg.train_subset, cfg.seed)
@@ -257,6 +257,7 @@ def _banner(run: Run, train_set, size_from: str, workers: int, warmups: tuple[in
     groups = "SyncBatchNorm over the global batch" if cfg.sync_bn else (
         f"BN in {bn_groups(cfg, world) * world} groups of {cfg.batch_size // world // bn_groups(cfg, world)}")
     loader = "" if cfg.pipeline == "tensor" else f", {workers} workers"  # the tensor pipeline has no workers
+    loader += f", {run.loader.scratch_note()}" if hasattr(run.loader, "scratch_note") else ""  # FFCV's decode buffers
     print(f"fastssl: {cfg.method} | {cfg.arch} @ {cfg.image_size}px ({size_from}) | "
           f"{len(train_set)} images from {train_set.root} | pipeline {cfg.pipeline}{loader} | {run.device} "
           f"{run.precision}{' channels_last' if cfg.channels_last else ''}{' compiled' if cfg.compile else ''} | "

@@ -127,9 +127,10 @@ def apply_overrides(views: dict[str, ViewSpec], text: str) -> dict[str, ViewSpec
 
 
 @functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=256)
 def constant(values: tuple[float, ...], device: torch.device, scale: float = 1.0) -> torch.Tensor:
-    """A small fp32 constant (values x scale) on the device, copied there once: a blocking copy from the host
-    waits for the GPU."""
+    """A small fp32 constant (values x scale) on the device, copied there once per (values, device, scale) and then
+    reused: a copy from the host at every call would wait for the GPU. Shared, so never changed in place."""
     return (torch.tensor(values) * scale).to(device)
 
 

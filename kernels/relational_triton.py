@@ -18,6 +18,7 @@ under TRITON_INTERPRET, triton#11584); fp64 inputs are computed in fp32 like the
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import os
 
@@ -30,18 +31,59 @@ LOG2E = math.log2(math.e)  # the kernels work in base 2: exp2 is the native inst
 LN2 = math.log(2.0)
 
 
-def _configs():
-    if INTERPRET:  # the interpreter would run every config: keep one, small
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_K": 32}, num_warps=1, num_stages=1)]
-    # Picked from ptxas resource usage for sm_80/sm_90 (compile only, no GPU timings yet): fp32 tiles are big,
-    # so the large ones spill or overflow shared memory at D >= 256 (the autotuner skips those that do not
-    # compile); the last config fits every kernel at D=512 even in an A100's 164 KiB of shared memory.
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s) for bm, bk, w, s in (
-        (16, 32, 4, 2), (16, 64, 4, 2), (32, 32, 4, 2), (32, 32, 8, 2), (32, 64, 8, 3), (64, 32, 8, 2),
-        (128, 32, 8, 2), (16, 32, 4, 1))]
+# Autotune candidates, picked from ptxas resource usage for sm_80/sm_90 (compile only, no GPU timings yet); the
+# last fits every kernel at D=512 even in an A100's 164 KiB of shared memory. `fitting_configs` drops, per D, those
+# whose tiles exceed the register budget; the autotuner also skips any that does not compile.
+GPU_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s) for bm, bk, w, s in (
+    (16, 32, 4, 2), (16, 64, 4, 2), (32, 32, 4, 2), (32, 32, 8, 2), (32, 64, 8, 3), (64, 32, 8, 2),
+    (128, 32, 8, 2), (16, 32, 4, 1))]
+# The interpreter would run every config: it gets one, small.
+INTERPRETER_CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_K": 32}, num_warps=1, num_stages=1)]
+_CONFIGS = INTERPRETER_CONFIGS if INTERPRET else GPU_CONFIGS
+
+# fp32 registers per thread that a program's live tiles may take. A thread addresses at most 255 registers
+# (sm_80/sm_90); beyond that ptxas spills to local memory, i.e. to cache and DRAM inside the inner loop. 160
+# leaves ~95 for pointers, masks, the row statistics m and l, and tl.dot's operand fragments.
+REGISTER_BUDGET = 160
 
 
-@triton.autotune(configs=_configs(), key=["K", "D", "K_SPLIT", "WITH_MEAN"])
+def tile_registers(config: triton.Config, d_pad: int, accumulates: bool) -> float:
+    """fp32 registers per thread for a program's live tiles, spread over its 32 * num_warps threads: the rows
+    x [BLOCK_M, D_PAD], the logits [BLOCK_M, BLOCK_K] and, in kernels that sum p_ij a_j, the accumulator
+    [BLOCK_M, D_PAD]. The anchor tile [BLOCK_K, D_PAD] is not counted: tl.dot reads it from shared memory."""
+    block_m, block_k = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_K"]
+    row_tiles = 2 if accumulates else 1
+    return (row_tiles * block_m * d_pad + block_m * block_k) / (32 * config.num_warps)
+
+
+def fitting_configs(configs: list[triton.Config], d_pad: int, accumulates: bool) -> list[triton.Config]:
+    """The configs whose tiles fit REGISTER_BUDGET at this D_PAD; where none does (D > 512 in the kernels that
+    accumulate), those with the fewest registers, so that there is always one to run."""
+    registers = [tile_registers(c, d_pad, accumulates) for c in configs]
+    limit = max(REGISTER_BUDGET, min(registers))
+    return [c for c, r in zip(configs, registers) if r <= limit]
+
+
+# Triton's early_config_prune hooks: (configs, the kernel's positional arguments, its keyword arguments; Tritons
+# before 3.2 pass no keyword arguments: WITH_MEAN is then taken as on, the stricter budget).
+def _prune_stats(configs, named_args, **kwargs):
+    return fitting_configs(configs, _d_pad(named_args["D"]), accumulates=kwargs.get("WITH_MEAN", True))
+
+
+def _prune_grad(configs, named_args, **kwargs):
+    return fitting_configs(configs, _d_pad(named_args["D"]), accumulates=True)
+
+
+# cache_results: each tuning key's timings (the key's arguments and the tensors' dtypes) are written under
+# TRITON_CACHE_DIR (default ~/.triton/cache), so later runs, and ranks that start after one has tuned, read the
+# winner instead of timing every config on their first step; ranks that start together each tune once. The
+# entry's hash also covers the Triton version, the GPU architecture and ptxas version, the kernel source, the
+# TRITON_* variables that change compilation and the configs left after pruning (Autotuner.check_disk_cache in
+# triton/runtime/autotuner.py), so none of those reuses a wrong entry. Triton turns it off in the interpreter.
+# Tritons before 3.2 (torch < 2.6) have no disk cache: they tune in every process.
+DISK_CACHE = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+@triton.autotune(configs=_CONFIGS, key=["K", "D", "K_SPLIT", "WITH_MEAN"],
+                 prune_configs_by={"early_config_prune": _prune_stats}, **DISK_CACHE)
 @triton.jit
 def _stats_kernel(X, A, LSE2, MEAN, n_rows, K, D, K_SPLIT, scale,
                   D_PAD: tl.constexpr, WITH_MEAN: tl.constexpr, PRECISION: tl.constexpr,
@@ -81,7 +123,8 @@ def _stats_kernel(X, A, LSE2, MEAN, n_rows, K, D, K_SPLIT, scale,
                  mask=row_ok[:, None] & col_ok[None, :])
 
 
-@triton.autotune(configs=_configs(), key=["K", "D", "K_SPLIT"])
+@triton.autotune(configs=_CONFIGS, key=["K", "D", "K_SPLIT"], prune_configs_by={"early_config_prune": _prune_grad},
+                 **DISK_CACHE)
 @triton.jit
 def _grad_kernel(X, A, LSE2, OUT, n_rows, K, D, K_SPLIT, scale,
                  D_PAD: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):

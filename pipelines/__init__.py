@@ -17,7 +17,7 @@ from fastssl.views import ViewSpec
 
 from .common import Loader, Shard
 
-KINDS = ("torch", "tensor", "dali", "ffcv")
+KINDS = ("torch", "tensor", "dali", "ffcv", "nvjpeg")
 
 
 def check(kind: str, images: ImageSet) -> None:
@@ -43,6 +43,8 @@ def build(kind: str, images: ImageSet, views: dict[str, ViewSpec], shard: Shard,
         from .ffcv_loader import FFCVLoader as Pipeline
     elif kind == "tensor":
         from .tensor_loader import TensorLoader as Pipeline
+    elif kind == "nvjpeg":
+        from .nvjpeg_loader import NvjpegLoader as Pipeline
     else:
         from .torch_loader import TorchLoader as Pipeline
     return Pipeline(images, views, shard, device, workers=workers, channels_last=channels_last)
@@ -51,14 +53,16 @@ def build(kind: str, images: ImageSet, views: dict[str, ViewSpec], shard: Shard,
 def eval_reader(kind: str, images: ImageSet, size: int, *, batch_size: int, workers: int) -> Iterable[torch.Tensor]:
     """Every image of `images`, in order, as uint8 [B,3,size,size] batches (the evaluation view: the centre crop of
     224/256 of the shorter side, resized; small images whole), decoded by the pipeline's own family: slices of
-    the tensor for sets held in memory, FFCV for a .beton, DALI's decoder under --pipeline dali, else PIL in
-    DataLoader workers. Iterable again at every evaluation."""
+    the tensor for sets held in memory, FFCV for a .beton, DALI's decoder under --pipeline dali, torchvision's
+    nvJPEG under --pipeline nvjpeg, else PIL in DataLoader workers. Iterable again at every evaluation."""
     if images.in_memory:
         from .torch_loader import MemoryEvalReader as Reader
     elif isinstance(images, BetonSet):
         from .ffcv_loader import EvalReader as Reader
     elif kind == "dali":
         from .dali_loader import EvalReader as Reader
+    elif kind == "nvjpeg":
+        from .nvjpeg_loader import EvalReader as Reader
     else:
         from .torch_loader import FileEvalReader as Reader
     return Reader(images, size, batch_size, workers)

@@ -1,14 +1,19 @@
 """DALI pipeline: one graph decodes each image once and makes every view from that decode.
 
-What runs where. Python (the loader's thread, a small pool reading files) picks the samples of each batch in
-the shared order (common.epoch_indices: global batches, this rank's slice), reads them (image files: the encoded
-bytes and, from the header alone, the size; in-memory sets: the uint8 HWC arrays) and draws every random
-parameter of every view with device_augment.sample_params, keyed by sample (common.SampleRandom), as --pipeline
-tensor draws them. All of it enters the graph through one external_source, the parameters as
-per-sample arguments, so DALI draws nothing and the pipeline keeps no state: a sample's views are the same
-whatever its batch, rank or resume point, and a pipeline is built afresh for every epoch (and after a failed
-batch). The graph decodes (nvJPEG, "mixed", on CUDA, every op after it on the GPU; with no GPU the same graph
-runs CPU-only, device_id=None), then for each view:
+What runs where. A feeder thread (the loader's own, with a small pool reading files) prepares each batch of the
+shared order (common.epoch_indices: global batches, this rank's slice) ahead of DALI: it reads the samples (image
+files: the encoded bytes and, from the header alone, the size; in-memory sets: the uint8 HWC arrays) and draws every
+random parameter of every view with device_augment.sample_params, keyed by sample (common.SampleRandom), as
+--pipeline tensor draws them. DALI takes each prepared batch through one external_source, the parameters as
+per-sample arguments: the training thread, where DALI calls that source, only hands over data that is ready (file
+reads and parameters are off the step's path), and DALI draws nothing, so a sample's views are the same whatever its
+batch, rank or resume point. DALI works on PREFETCH batches ahead of the trainer, the feeder FEED_AHEAD batches
+ahead of DALI. A loader builds its pipeline once and runs every epoch on it, from any start batch (DALI ends a run
+when the feed does, and is reset for the next); an EvalReader builds one for all its passes. A feeder thread rather
+than DALI's parallel external_source (worker processes): it keeps the feed off the step's path as well (measured on
+2 CPU cores, with slow reads), and the epoch, start batch and known-bad files stay in one process, with no worker
+process to start once CUDA is up. The graph decodes (nvJPEG, "mixed", on CUDA, every op after it on the GPU; with
+no GPU the same graph runs CPU-only, device_id=None), then for each view:
     resize of the crop box (ROI, antialiased) -> color_twist (jitter; grayscale as saturation 0)
     -> gaussian_blur (window 1 where off) -> solarize -> crop_mirror_normalize (flip, mean/std, float,
     NHWC memory = the trainer's channels_last)
@@ -19,17 +24,22 @@ the blur kernel is cut at 3 sigma, the crop's resampling reads pixels just outsi
 first) and the resampling and grey weights differ slightly. Images are decoded as stored, without EXIF rotation,
 as PIL reads them. Rates, ranges and crop boxes are the spec's, drawn as the other pipelines draw them.
 
-DALI fails a whole batch when a file cannot be decoded. The loader then finds the batch's unreadable files
-(convert.check_image), gives each such slot the next readable sample of the set (the slot's own draws, that
-image and label), reruns the batch on a new pipeline and reports the files in the batch's "bad_files"; the
-trainer decides whether to go on. Files whose header PIL cannot read are found, and replaced, before DALI sees
-them. A failure with no unreadable file in the batch is a one-line UserError.
+DALI fails a whole batch when a file cannot be decoded, while it holds the batches after it too. The loader then
+finds the unreadable files (convert.check_image) of every batch DALI held, gives each such slot the next readable
+sample of the set (the slot's own draws, that image and label), reruns those batches on a new pipeline and reports
+the files in their own batch's "bad_files"; the trainer decides whether to go on. Files whose header PIL cannot read
+are found, and replaced, before DALI sees them. A failure with no unreadable file in those batches is a one-line
+UserError.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -49,6 +59,8 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator  # noqa: E402
 
 # nvJPEG's buffers sized for ImageNet up front (DALI's ResNet-50 example), so they are not regrown mid-epoch.
 MIXED_DECODER_PADDING = {"device_memory_padding": 211_025_920, "host_memory_padding": 140_544_512}
+PREFETCH = 3  # batches DALI works on ahead of the trainer (DALI's default: 2), each one's views held on the device
+FEED_AHEAD = 4  # batches the feeder thread prepares ahead of DALI (their encoded files held): slack for slow reads
 
 
 def _decode(encoded, gpu: bool):
@@ -111,11 +123,11 @@ def _view(images, spec: ViewSpec, a: dict, gpu: bool, channels_last: bool):
 
 
 def views_graph(views: list[ViewSpec], gpu: bool, channels_last: bool, files: bool, feed):
-    """Outputs: one float view per spec, then the labels. `feed(batch_info)` gives the encoded files (`files`) or
-    the uint8 HWC images, the labels, then each view's view_inputs."""
+    """Outputs: one float view per spec, then the labels. `feed()` gives the encoded files (`files`) or the uint8
+    HWC images, the labels, then each view's view_inputs."""
     names = [view_inputs(spec) for spec in views]
     n = sum(map(len, names))
-    images, label, *inputs = fn.external_source(source=feed, num_outputs=2 + n, batch=True, batch_info=True,
+    images, label, *inputs = fn.external_source(source=feed, num_outputs=2 + n, batch=True,
                                                 layout=["" if files else "HWC"] + [""] * (1 + n))
     images = _decode(images, gpu) if files else images.gpu() if gpu else images
     out = []
@@ -139,9 +151,9 @@ def _read(path: str) -> tuple[np.ndarray, tuple[int, int] | None]:
 
 
 def eval_graph(size: int, gpu: bool, feed):
-    """uint8 [3,size,size] per sample: `feed(batch_info)` gives the encoded files, each one's resized (height,
-    width) and the corner of its centre crop."""
-    encoded, resized, corner = fn.external_source(source=feed, num_outputs=3, batch=True, batch_info=True)
+    """uint8 [3,size,size] per sample: `feed()` gives the encoded files, each one's resized (height, width) and the
+    corner of its centre crop."""
+    encoded, resized, corner = fn.external_source(source=feed, num_outputs=3, batch=True)
     x = fn.resize(_decode(encoded, gpu), size=resized, antialias=True)
     x = fn.slice(x, start=corner, shape=[size, size], axis_names="HW")
     return fn.transpose(x, perm=[2, 0, 1])
@@ -162,16 +174,114 @@ def _failure(root: str, error: RuntimeError, checked: bool = False) -> UserError
 
 def _dali_options(device: torch.device, workers: int) -> dict:
     gpu = device.type == "cuda"
-    return {"num_threads": max(1, workers), "device_id": (device.index or 0) if gpu else None}
+    return {"num_threads": max(1, workers), "device_id": (device.index or 0) if gpu else None,
+            "prefetch_queue_depth": PREFETCH}
+
+
+class Feeds:
+    """What a pipeline's external_source calls: the feed of the run's next job, prepared ahead.
+
+    A feeder thread prepares each job's feed (prepare(job)) FEED_AHEAD jobs ahead of DALI, so the call, which DALI
+    makes in the training thread, only hands over data that is ready. It holds the run's feeder and prepare only
+    while the run lasts: DALI's graph keeps its source in reference cycles, which would keep them until a gc.
+    """
+
+    def __init__(self):
+        self.prepared = deque()  # (job, future of its feed), in order
+        self.in_flight = deque()  # the jobs handed to DALI whose outputs have not come out yet
+        self.jobs, self.prepare, self.feeder = iter(()), None, None
+
+    def start(self, jobs: list, prepare: Callable, feeder: ThreadPoolExecutor) -> None:
+        self.jobs, self.prepare, self.feeder = iter(jobs), prepare, feeder
+        self.in_flight.clear()
+        for _ in range(FEED_AHEAD):
+            self._prepare_next()
+
+    def _prepare_next(self) -> None:
+        job = next(self.jobs, None)
+        if job is not None:
+            self.prepared.append((job, self.feeder.submit(self.prepare, job)))
+
+    def __call__(self) -> list:
+        if not self.prepared:
+            raise StopIteration  # every job is in DALI: it ends the run once they are out
+        job, feed = self.prepared.popleft()
+        self._prepare_next()
+        ready = feed.result()
+        self.in_flight.append(job)
+        return ready
+
+    def stop(self) -> None:
+        """No more jobs in this run; in_flight is kept (what a failed run held)."""
+        for _, feed in self.prepared:
+            feed.cancel()
+        self.prepared.clear()
+        self.jobs, self.prepare, self.feeder = iter(()), None, None
+
+
+class RunFailed(Exception):
+    """DALI failed (`error`) while it held the jobs `in_flight`: the failure may come from any of them."""
+
+    def __init__(self, error: RuntimeError, in_flight: list):
+        super().__init__(str(error))
+        self.error, self.in_flight = error, in_flight
+
+
+class FedPipeline:
+    """A DALI pipeline built once and run again and again (an epoch, a kNN pass), fed by Feeds.
+
+    build(feeds) makes the pipeline, whose one external_source calls feeds(); names: its outputs. After an exception
+    out of DALI, the next run builds a new pipeline: a failed one is not reused.
+    """
+
+    def __init__(self, build: Callable, names: list[str]):
+        self.build, self.names = build, names
+        self.feeds, self.feeder = Feeds(), ThreadPoolExecutor(1)
+        self.iterator = None  # over the pipeline, once built
+
+    def run(self, jobs: list, prepare: Callable) -> Iterator[dict[str, torch.Tensor]]:
+        """The pipeline's outputs for each job, in order; prepare(job) makes a job's feed (on the feeder thread).
+        RunFailed when DALI fails; a feed's own exception as it is."""
+        if not jobs:
+            return
+        self.feeds.start(jobs, prepare, self.feeder)
+        try:
+            if self.iterator is None:
+                self.iterator = DALIGenericIterator(self.build(self.feeds), self.names, prepare_first_batch=False)
+            else:
+                self.iterator.reset()  # DALI ended the last run; this run's prefetch starts here
+            for (batch,) in self.iterator:
+                self.feeds.in_flight.popleft()
+                yield batch
+        except RuntimeError as e:
+            self.iterator = None
+            raise RunFailed(e, list(self.feeds.in_flight)) from e
+        except Exception:
+            self.iterator = None
+            raise
+        finally:
+            self.feeds.stop()
+            self._drain()
+
+    def _drain(self) -> None:
+        """Takes out what DALI still holds of a run left early, so that DALI ends the run and the next one resets it."""
+        try:
+            while self.iterator is not None and self.feeds.in_flight:
+                next(self.iterator)
+                self.feeds.in_flight.popleft()
+        except RuntimeError:  # a file of a batch no one will use that DALI cannot decode
+            self.iterator = None
 
 
 class DaliLoader(Loader):
     def __init__(self, images: ImageSet, views: dict[str, ViewSpec], shard: Shard, device: torch.device, *,
                  workers: int = 2, channels_last: bool = True):
         super().__init__(images, views, shard, device, channels_last)
-        self.workers = workers
         self.pool = None if images.in_memory else ThreadPoolExecutor(max(1, workers))  # file reads release the GIL
-        self.bad: set[int] = set()  # samples known to be unreadable
+        self.bad: set[int] = set()  # samples known to be unreadable (the feeder thread adds those it finds)
+        build = partial(views_pipeline, list(views.values()), device.type == "cuda", channels_last,
+                        not images.in_memory, batch_size=self.batch_size, **_dali_options(device, workers))
+        self.pipeline = FedPipeline(build, [*views, "label"])
 
     def _readable(self, idx: list[int]) -> list[int]:
         """idx with each known-bad sample replaced by the next sample of the set not known to be bad."""
@@ -184,11 +294,8 @@ class DaliLoader(Loader):
             out.append(i)
         return out
 
-    def _feed(self, epoch: int, order: torch.Tensor, info) -> list:
-        """Batch info.iteration of `order` as views_graph takes it."""
-        if info.iteration >= len(order):
-            raise StopIteration
-        idx = order[info.iteration]
+    def _feed(self, epoch: int, idx: torch.Tensor) -> list:
+        """The batch of samples idx as views_graph takes it (on the feeder thread)."""
         while True:  # until every file fed has a header PIL reads: the others are replaced before DALI sees them
             fed = self._readable(idx.tolist())
             if self.images.in_memory:
@@ -207,23 +314,17 @@ class DaliLoader(Loader):
             out += inputs_of(spec, sample_params(sizes[:, 0], sizes[:, 1], spec, rnd))
         return out
 
-    def _batches(self, epoch: int, order: torch.Tensor):
-        """DALI's batches of `order` ([batches, batch] sample indices) from a new pipeline."""
-        pipe = views_pipeline(list(self.views.values()), self.device.type == "cuda", self.channels_last,
-                              not self.images.in_memory, lambda info: self._feed(epoch, order, info),
-                              batch_size=self.batch_size, **_dali_options(self.device, self.workers))
-        for (batch,) in DALIGenericIterator(pipe, [*self.views, "label"]):
-            yield batch
-
-    def _find_bad(self, idx: torch.Tensor, error: RuntimeError) -> None:
-        """The unreadable files of a batch DALI failed on, added to self.bad; UserError when there are none."""
+    def _find_bad(self, batches: list[torch.Tensor], error: RuntimeError) -> None:
+        """The unreadable files of the batches DALI held when it failed, added to self.bad; UserError when there are
+        none."""
         from .convert import check_image
 
-        def unreadable(path: str) -> bool:  # too small for convert, but DALI decodes it
-            why = check_image(path)[0]
+        def unreadable(i: int) -> bool:  # too small for convert, but DALI decodes it
+            why = check_image(self.images.files[i])[0]
             return why is not None and not why.startswith("too small")
 
-        bad = {i for i in self._readable(idx.tolist()) if unreadable(self.images.files[i])}
+        fed = sorted({i for idx in batches for i in self._readable(idx.tolist())})
+        bad = {i for i, is_bad in zip(fed, self.pool.map(unreadable, fed)) if is_bad}
         if not bad:
             raise _failure(self.images.root, error, checked=True) from None
         self.bad |= bad
@@ -231,42 +332,45 @@ class DaliLoader(Loader):
     def epoch(self, epoch: int, start_batch: int = 0):
         order = self.indices(epoch, start_batch)
         done = 0
-        batches = self._batches(epoch, order)
         while done < len(order):
+            batches = self.pipeline.run(list(order[done:]), partial(self._feed, epoch))
             try:
-                batch = next(batches)
-            except RuntimeError as e:  # DALI failed batch `done`: replace its unreadable files, run it again
+                with contextlib.closing(batches):
+                    for batch in batches:
+                        yield self._output(batch, order[done])
+                        done += 1
+            except RunFailed as failed:  # replace the unreadable files of the batches DALI held, rerun them
                 if self.images.in_memory:
                     raise
-                self._find_bad(order[done], e)
-                batches = self._batches(epoch, order[done:])
-                continue
-            # HWC memory read as NCHW is channels_last; CHW output is already contiguous NCHW
-            out = {role: batch[role].permute(0, 3, 1, 2) if self.channels_last else batch[role]
-                   for role in self.views}
-            out["label"] = batch["label"].view(-1).to(self.device, non_blocking=True)
-            bad = [self.images.files[i] for i in order[done].tolist() if i in self.bad]
-            if bad:
-                out["bad_files"] = bad
-            yield out
-            done += 1
+                self._find_bad(failed.in_flight, failed.error)
+
+    def _output(self, batch: dict[str, torch.Tensor], idx: torch.Tensor) -> dict:
+        """DALI's batch of the samples idx as the contract gives it."""
+        # HWC memory read as NCHW is channels_last; CHW output is already contiguous NCHW
+        out = {role: batch[role].permute(0, 3, 1, 2) if self.channels_last else batch[role] for role in self.views}
+        out["label"] = batch["label"].view(-1).to(self.device, non_blocking=True)
+        bad = [self.images.files[i] for i in idx.tolist() if i in self.bad]
+        if bad:
+            out["bad_files"] = bad
+        return out
 
 
 class EvalReader:
     """Every image of an image folder, in order, as uint8 [B,3,size,size] batches (the last one may be partial):
     torch_loader's evaluation view (the shorter side resized to size*256/224, the centre size x size, with
-    torchvision's rounding of both), decoded by DALI. Iterable again at every evaluation."""
+    torchvision's rounding of both), decoded by DALI. Iterable again at every evaluation, on one pipeline."""
 
     def __init__(self, images: ImageSet, size: int, batch_size: int, workers: int):
-        self.images, self.size, self.batch_size, self.workers = images, size, batch_size, workers
-        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else \
+        self.images, self.size, self.batch_size = images, size, batch_size
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else \
             torch.device("cpu")
+        self.pool = ThreadPoolExecutor(max(1, workers))
+        build = partial(eval_pipeline, size, device.type == "cuda", batch_size=batch_size,
+                        **_dali_options(device, workers))
+        self.pipeline = FedPipeline(build, ["image"])
 
-    def _feed(self, pool: ThreadPoolExecutor, info) -> list:
-        files = self.images.files[info.iteration * self.batch_size:(info.iteration + 1) * self.batch_size]
-        if not files:
-            raise StopIteration
-        encoded, sizes = zip(*pool.map(_read, files))
+    def _feed(self, files: list[str]) -> list:
+        encoded, sizes = zip(*self.pool.map(_read, files))
         side, resized, corners = round(self.size * 256 / 224), [], []
         for path, size in zip(files, sizes):
             if size is None:
@@ -279,11 +383,12 @@ class EvalReader:
         return [list(encoded), np.array(resized, dtype=np.float32), np.array(corners, dtype=np.int32)]
 
     def __iter__(self):
-        with ThreadPoolExecutor(max(1, self.workers)) as pool:
-            pipe = eval_pipeline(self.size, self.device.type == "cuda", lambda info: self._feed(pool, info),
-                                 batch_size=self.batch_size, **_dali_options(self.device, self.workers))
-            try:
-                for (batch,) in DALIGenericIterator(pipe, ["image"]):
+        files = self.images.files
+        batches = self.pipeline.run([files[i:i + self.batch_size] for i in range(0, len(files), self.batch_size)],
+                                    self._feed)
+        try:
+            with contextlib.closing(batches):
+                for batch in batches:
                     yield batch["image"]
-            except RuntimeError as e:
-                raise _failure(self.images.root, e) from None
+        except RunFailed as failed:
+            raise _failure(self.images.root, failed.error) from None

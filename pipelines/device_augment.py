@@ -15,6 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from fastssl.device import to_device
 from fastssl.views import ViewSpec, constant
 
 from .common import SampleRandom
@@ -45,6 +46,13 @@ def _coin(rnd: SampleRandom, p: float) -> torch.Tensor:
 
 # ---- geometry: random resized crop + horizontal flip ----
 
+def _per_image(side, rnd: SampleRandom) -> torch.Tensor:
+    """A side (an int, or [n] sizes) as float [n] on rnd's device: filled there, or copied without a blocking wait."""
+    if isinstance(side, torch.Tensor):
+        return to_device(side.float(), rnd.device).expand(len(rnd))
+    return torch.full((len(rnd),), float(side), device=rnd.device)
+
+
 def sample_crops(height, width, scale: tuple[float, float], ratio: tuple[float, float],
                  rnd: SampleRandom) -> torch.Tensor:
     """RandomResizedCrop.get_params for n images at once: boxes [n,4] as (x0, y0, w, h) in whole pixels.
@@ -53,9 +61,7 @@ def sample_crops(height, width, scale: tuple[float, float], ratio: tuple[float, 
     vectorised: the first try whose box fits is kept; an image with none gets torchvision's fallback, the
     central crop clamped to the ratio range.
     """
-    n = len(rnd)
-    height = torch.as_tensor(height, dtype=torch.float32, device=rnd.device).expand(n)
-    width = torch.as_tensor(width, dtype=torch.float32, device=rnd.device).expand(n)
+    height, width = _per_image(height, rnd), _per_image(width, rnd)
     target = _uniform(rnd, *scale, 10) * (height * width)[:, None]
     aspect = _uniform(rnd, math.log(ratio[0]), math.log(ratio[1]), 10).exp_()
     w = (target * aspect).sqrt_().round_()

@@ -18,12 +18,15 @@ rank), so a run resumes exactly at any batch and a sample gets the same views wh
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from fastssl.beton import BetonSet
+from fastssl.beton import BetonSet, read_info
+from fastssl.errors import UserError
 from fastssl.extras import optional, torch_threads_kept
 from fastssl.views import ViewSpec, normalize
 
@@ -81,12 +84,19 @@ class ViewsDecoder(Operation):
         self.views, self.epoch_seed = views, epoch_seed  # epoch_seed: uint64 [1], read at every batch
         self.offsets = np.cumsum([0] + [3 * v.size * v.size for v in views])
 
+    def largest_image(self) -> tuple[int, int]:
+        """(height, width) of the stored image with the most pixels, which sizes each sample's decode scratch: a
+        JPEG decodes into its first height*width*3 bytes (FFCV's decoders reserve max height x max width)."""
+        heights, widths = self.metadata["height"].astype(np.int64), self.metadata["width"].astype(np.int64)
+        largest = int(np.argmax(heights * widths))  # in int64: the fields are uint16
+        return int(heights[largest]), int(widths[largest])
+
     def declare_state_and_memory(self, previous_state):
         row = (int(self.offsets[-1]),)
-        largest = (int(self.metadata["height"].max()) * int(self.metadata["width"].max()) * 3,)
+        height, width = self.largest_image()
         u8 = np.dtype("u1")
         return (replace(previous_state, jit_mode=True, shape=row, dtype=u8),
-                (AllocationQuery(row, u8), AllocationQuery(largest, u8)))
+                (AllocationQuery(row, u8), AllocationQuery((height * width * 3,), u8)))
 
     def generate_code(self):
         mem_read, my_range, jpg = self.memory_read, Compiler.get_iterator(), IMAGE_MODES["jpg"]
@@ -125,6 +135,12 @@ class ViewsDecoder(Operation):
         return decode
 
 
+# FFCV allocates each buffer a pipeline declares once per batch in flight: batches_ahead (3 by default) + 2
+# (ffcv/loader/epoch_iterator.py), in pinned memory where CUDA is available (ffcv/pipeline/allocation_query.py).
+BATCHES_AHEAD = 3
+BATCHES_IN_FLIGHT = BATCHES_AHEAD + 2
+
+
 class _EpochOrder:
     """Stands in for FFCV's traversal order: the rows of the epoch set by FFCVLoader.epoch, in order."""
 
@@ -132,6 +148,15 @@ class _EpochOrder:
 
     def sample_order(self, epoch: int) -> np.ndarray:
         return self.rows
+
+
+def _check_bounded(images: BetonSet):
+    """Refuse a .beton converted with --max-resolution 0: its images, and so FFCV's decode buffers, have no size
+    bound."""
+    if read_info(Path(images.root)).get("max_resolution") == 0:
+        raise UserError(f"{images.root} was converted with --max-resolution 0 (images of any size), and the FFCV "
+                        f"loader's decode scratch (pinned with CUDA) holds the largest image for every sample of "
+                        f"{BATCHES_IN_FLIGHT} batches; convert it again with --max-resolution 512 (the default)")
 
 
 def _to_device(device: torch.device) -> list:
@@ -142,18 +167,29 @@ def _to_device(device: torch.device) -> list:
 class FFCVLoader(LoaderBase):
     def __init__(self, images: BetonSet, views: dict[str, ViewSpec], shard: Shard, device: torch.device, *,
                  workers: int = 2, channels_last: bool = True):
+        _check_bounded(images)
         super().__init__(images, views, shard, device, channels_last)
         self.epoch_seed = np.zeros(1, dtype=np.uint64)
         self.order = _EpochOrder()
         decoder = ViewsDecoder(list(views.values()), self.epoch_seed)
         with torch_threads_kept():
             self.loader = Loader(images.root, batch_size=shard.batch, num_workers=max(1, workers), drop_last=True,
-                                 order=OrderOption.SEQUENTIAL, indices=images.rows.numpy(),
+                                 order=OrderOption.SEQUENTIAL, indices=images.rows.numpy(), batches_ahead=BATCHES_AHEAD,
                                  pipelines={"image": PipelineSpec("image", decoder, [ToTensor(), *_to_device(device)]),
                                             "label": [IntDecoder(), ToTensor(), *_to_device(device)]})
         self.loader.traversal_order = self.order
         sides = [spec.size for spec in views.values()]
         self.slices = dict(zip(views, zip(decoder.offsets[:-1].tolist(), decoder.offsets[1:].tolist(), sides)))
+        # the decode scratch FFCV allocates for an epoch: [batches in flight, batch, largest image's pixels x 3]
+        self.scratch_shape = (BATCHES_IN_FLIGHT, shard.batch, *decoder.largest_image(), 3)
+        self.scratch_bytes = math.prod(self.scratch_shape)
+
+    def scratch_note(self) -> str:
+        """The decode scratch in a few words, e.g. 'decode scratch 480.0 MiB pinned (5 batches x 128 x 512x512x3 B)'."""
+        batches, batch, height, width, channels = self.scratch_shape
+        memory = "pinned" if torch.cuda.is_available() else "pageable"
+        return (f"decode scratch {self.scratch_bytes / 2**20:.1f} MiB {memory} "
+                f"({batches} batches x {batch} x {height}x{width}x{channels} B)")
 
     def epoch(self, epoch: int, start_batch: int = 0):
         order = self.indices(epoch, start_batch)  # [batches, batch] positions in the set
@@ -183,10 +219,12 @@ class EvalReader:
     Loader (seconds), so a reader is made once and iterated at every evaluation."""
 
     def __init__(self, images: BetonSet, size: int, batch_size: int, workers: int):
+        _check_bounded(images)
         decoder = CenterCropRGBImageDecoder((size, size), ratio=1.0 if images.side else 224 / 256)
         with torch_threads_kept():
             self.loader = Loader(images.root, batch_size=batch_size, num_workers=max(1, workers),
                                  order=OrderOption.SEQUENTIAL, indices=images.rows.numpy(), drop_last=False,
+                                 batches_ahead=BATCHES_AHEAD,
                                  pipelines={"image": [decoder, ToTensor(), ToTorchImage()], "label": None})
 
     def __iter__(self):

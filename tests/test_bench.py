@@ -97,3 +97,30 @@ def test_without_native_bf16_the_bf16_cases_are_skipped(smoke, tmp_path, monkeyp
     assert end_to_end.run("smoke", device="cpu")["precision"] == "fp32"
     trains = [c for c in calls if c[0] == "train"]
     assert trains and all(c[c.index("--precision") + 1] == "fp32" for c in trains)
+
+
+def gpu_check(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(BENCH / "gpu_check.py"), "--smoke", *args], capture_output=True,
+                          text=True, timeout=900)
+
+
+def test_the_gpu_check_runs_every_step_tiny_on_a_cpu(tmp_path):
+    """bench/gpu_check.py's steps, with CPU-sized shapes: each passes (or says why it is skipped) and reports its
+    figures; the end-to-end runs get their share of the model-only step."""
+    done = gpu_check("--out", str(tmp_path))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    steps = {s["name"]: s for s in json.loads((tmp_path / "gpu_check.json").read_text())["steps"]}
+    assert {name for name, s in steps.items() if s["status"] != "passed"} == {"torchrun-2-gpus"}
+    assert steps["torchrun-2-gpus"]["status"] == "skipped: needs 2 GPUs"
+    assert {"ressl fp32", "byol fp32", "ressl_over_byol_step_time"} <= steps["step"]["figures"].keys()
+    for name in ("train-torch", "train-nvjpeg", "train-dali", "train-ffcv"):
+        figures = steps[name]["figures"]
+        assert figures["steps"] == 4 and figures["images_per_s"] > 0 and figures["share_of_model_only"] > 0, name
+    assert 10 < steps["fashion-mnist"]["figures"]["knn_top1"] <= 100
+    assert "| fashion-mnist | passed |" in (tmp_path / "gpu_check.md").read_text()
+
+
+def test_a_gpu_check_step_over_its_time_fails_the_check(tmp_path):
+    done = gpu_check("--only", "step", "--budget", "21", "--out", str(tmp_path))
+    assert done.returncode == 1 and "error: 1 step(s) failed: step" in done.stdout
+    assert "| step | timed out after 21 s |" in (tmp_path / "gpu_check.md").read_text()

@@ -22,6 +22,8 @@ from fastssl.methods.ressl import ReSSL
 from fastssl.pipelines.common import Shard, epoch_indices
 from fastssl.train import train
 
+pytestmark = pytest.mark.usefixtures("backbones_train_here")
+
 # 16 steps an epoch of an 8-wide ResNet-18 on a Fashion-MNIST slice, no kNN monitor: every step logged.
 RUN = dict(method="ressl", arch="resnet18-w8", data="fashion-mnist", data_val="none", pipeline="tensor",
            train_subset=512, batch_size=32, queue_size=128, epochs=4, log_every=1, device="cpu")
@@ -227,3 +229,24 @@ def test_auto_resume_starts_afresh_then_continues(tmp_path):
     assert train(TrainConfig(**cfg))["steps"] == 16  # a checkpoint there: continued to the end
     with pytest.raises(UserError, match="already holds a run"):
         train(TrainConfig(**{**cfg, "auto_resume": False}))
+
+
+def test_a_checkpoint_written_on_gpus_resumes_where_there_are_none(short_run, tmp_path):
+    """A checkpoint carrying CUDA generator states (fastssl 0.2 wrote one per visible GPU) resumes on a CPU."""
+    out = tmp_path / "run"
+    out.mkdir()
+    state = checkpoint.load(short_run / "checkpoint.pt")
+    state["rng"]["cuda"] = [torch.zeros(16, dtype=torch.uint8)] * 8
+    checkpoint.save_run(state, out)
+    assert train(TrainConfig(resume=True, out=str(out), max_steps=4), given={"max_steps": 4})["steps"] == 4
+
+
+@pytest.mark.parametrize("saved, expected", [("one", "one"), (["first", "second"], "second"), (["first"], "first")])
+def test_the_cuda_generator_state_goes_to_this_processs_device(monkeypatch, saved, expected):
+    """This process's GPU (device 1 here) gets its own saved state, or the first one where fewer were saved."""
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", restored.append)
+    checkpoint.set_rng_state({**checkpoint.rng_state(), "cuda": saved})
+    assert restored == [expected]

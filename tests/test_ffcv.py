@@ -7,18 +7,26 @@ compiles its pipeline with numba (seconds), so the tests share loaders where the
 
 from __future__ import annotations
 
+import json
+import math
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
+from ffcv.pipeline import graph as ffcv_graph
 from pipeline_checks import (COLOURS, CPU, PROBE_VIEWS, check_colour_views, check_probe_rates,
                              check_short_run_learns, probe_set, torch_threads_after)
 
 from fastssl import data
-from fastssl.beton import BetonSet, write_beton
+from fastssl.beton import BetonSet, info_path, read_info, write_beton
 from fastssl.errors import UserError
 from fastssl.pipelines import build, eval_reader
 from fastssl.pipelines.common import Shard
 from fastssl.pipelines.convert import convert
 from fastssl.views import ViewSpec, resa_strong, weak
+
+pytestmark = pytest.mark.usefixtures("backbones_train_here")
 
 VIEWS = {"weak": weak(24), "strong": resa_strong(24, blur_p=0.5), "crop1": ViewSpec(12, crop_scale=(0.1, 0.5))}
 
@@ -74,6 +82,48 @@ def test_beton_splits_and_what_each_pipeline_accepts(colour_beton, colour_folder
     (tmp_path / "junk_train.beton").write_text("not a beton")
     with pytest.raises(UserError, match="not a readable FFCV file"):
         data.load(str(tmp_path / "junk_train.beton"))
+
+
+def _converted(colour_folder, tmp_path, max_resolution: int):
+    out = tmp_path / f"colours{max_resolution}_train.beton"
+    convert(str(colour_folder), out, max_resolution=max_resolution, workers=2)
+    return data.load(str(out))
+
+
+def test_decode_scratch_is_what_ffcv_allocates_and_follows_max_resolution(colour_folder, tmp_path, monkeypatch):
+    allocated = []  # bytes of each buffer FFCV allocates
+    ffcv_allocate = ffcv_graph.allocate_query
+
+    def allocate(query, batch_size, batches_ahead):
+        allocated.append(batches_ahead * batch_size * math.prod(query.shape) * np.dtype(query.dtype).itemsize)
+        return ffcv_allocate(query, batch_size, batches_ahead)
+    monkeypatch.setattr(ffcv_graph, "allocate_query", allocate)
+    scratch = {}
+    for side in (32, 64):  # the colour images are up to 117 px wide
+        run = loader(_converted(colour_folder, tmp_path, side))
+        allocated.clear()
+        epoch = run.epoch(0)
+        next(epoch)  # FFCV allocates its buffers as an epoch starts
+        epoch.close()
+        batches, batch, height, width, channels = run.scratch_shape
+        assert run.scratch_bytes in allocated and run.scratch_bytes == batches * batch * height * width * channels
+        assert batch == 8 and max(height, width) <= side
+        assert run.scratch_note().endswith(f"({batches} batches x 8 x {height}x{width}x3 B)")
+        scratch[side] = run.scratch_bytes
+    assert scratch[32] < scratch[64]
+
+
+def test_a_beton_of_unbounded_image_size_is_refused_in_one_line(colour_folder, tmp_path):
+    with pytest.raises(UserError, match="--max-resolution 0: a .beton needs a bound") as e:
+        _converted(colour_folder, tmp_path, 0)
+    assert "\n" not in str(e.value)
+    images = _converted(colour_folder, tmp_path, 64)
+    info = read_info(Path(images.root))
+    info_path(Path(images.root)).write_text(json.dumps({**info, "max_resolution": 0}))  # as fastssl 0.2 wrote it
+    for open_it in (lambda: loader(images), lambda: eval_reader("ffcv", images, 16, batch_size=8, workers=1)):
+        with pytest.raises(UserError, match="--max-resolution 0 .* decode scratch .* --max-resolution 512") as e:
+            open_it()
+        assert "\n" not in str(e.value)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -185,6 +185,48 @@ def test_triton_rejects_cpu_tensors():
         R.relational_loss(q, k, queue, 0.1, 0.04, impl="triton")
 
 
+# --- Triton autotuning: which configs are timed, and that the choice is kept on disk --------------------
+
+def _triton_module():
+    return importlib.import_module(f"{R.__package__}.relational_triton")
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_autotune_drops_configs_whose_tiles_exceed_the_register_budget():
+    T = _triton_module()
+    largest = T.triton.Config({"BLOCK_M": 128, "BLOCK_K": 32}, num_warps=8)
+    assert T.tile_registers(largest, 512, accumulates=True) == (2 * 128 * 512 + 128 * 32) / 256
+    assert T.tile_registers(largest, 512, accumulates=False) == (128 * 512 + 128 * 32) / 256
+    # at a given D, a thread's share of the row tiles grows with BLOCK_M / num_warps
+    rows_per_warp = lambda configs: {c.kwargs["BLOCK_M"] / c.num_warps for c in configs}  # noqa: E731
+    assert T.fitting_configs(T.GPU_CONFIGS, 128, accumulates=True) == T.GPU_CONFIGS  # at D=128 every tile fits
+    assert max(rows_per_warp(T.fitting_configs(T.GPU_CONFIGS, 256, accumulates=True))) == 8
+    assert max(rows_per_warp(T.fitting_configs(T.GPU_CONFIGS, 512, accumulates=True))) == 4
+    assert max(rows_per_warp(T.fitting_configs(T.GPU_CONFIGS, 512, accumulates=False))) == 8
+    for d_pad in (16, 32, 64, 128, 256, 512):
+        for accumulates in (True, False):
+            kept = T.fitting_configs(T.GPU_CONFIGS, d_pad, accumulates)
+            assert kept and all(T.tile_registers(c, d_pad, accumulates) <= T.REGISTER_BUDGET for c in kept)
+    # past the budget (D=1024 and up) the configs with the smallest tiles are left, never none
+    fewest = min(T.tile_registers(c, 1024, True) for c in T.GPU_CONFIGS)
+    kept = T.fitting_configs(T.GPU_CONFIGS, 1024, accumulates=True)
+    assert fewest > T.REGISTER_BUDGET and kept and {T.tile_registers(c, 1024, True) for c in kept} == {fewest}
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="Triton turns its autotuning cache off "
+                                                                         "in the interpreter, which has one config")
+def test_triton_autotuners_prune_by_registers_and_cache_their_choice_on_disk():
+    T = _triton_module()
+    for kernel, kwargs, accumulates in ((T._stats_kernel, {"WITH_MEAN": True}, True),
+                                        (T._stats_kernel, {"WITH_MEAN": False}, False), (T._grad_kernel, {}, True)):
+        assert kernel.configs == T.GPU_CONFIGS and kernel.cache_results
+        pruned = kernel.early_config_prune(kernel.configs, {"D": 500}, D_PAD=512, PRECISION="tf32x3", **kwargs)
+        assert pruned == T.fitting_configs(T.GPU_CONFIGS, 512, accumulates)
+    # a Triton that passes no keyword arguments: the stats kernel is pruned as if it accumulated
+    assert T._stats_kernel.early_config_prune(T.GPU_CONFIGS, {"D": 500}) == T.fitting_configs(T.GPU_CONFIGS, 512, True)
+
+
 # --- Triton kernels, interpreted ---------------------------------------------------------------------------
 
 def _triton_no_grad_to_teacher_or_queue(impl):

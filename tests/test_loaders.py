@@ -1,5 +1,5 @@
-"""The loader contract, held by every pipeline alike (torch, tensor, DALI, FFCV): exact epochs in the shared order,
-reshuffled and seeded; shards of global batches, so that one process at batch 2B sees at each step what two
+"""The loader contract, held by every pipeline alike (torch, tensor, DALI, FFCV, nvJPEG): exact epochs in the shared
+order, reshuffled and seeded; shards of global batches, so that one process at batch 2B sees at each step what two
 processes at B see together (same samples, same views); exact resumption at any batch."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from fastssl.pipelines import build, common
 from fastssl.pipelines.common import Shard
 from fastssl.views import ViewSpec, strong, weak
 
-PIPELINES = ("torch", "tensor", "dali", "ffcv")
+PIPELINES = ("torch", "tensor", "dali", "ffcv", "nvjpeg")
 N, BATCH = 103, 10  # 103 images, each its own flat colour and label: a batch shows which samples it holds
 VIEWS = {"weak": weak(8), "strong": strong(8, blur_p=0.5), "crop1": ViewSpec(8, crop_scale=(0.1, 0.5), flip_p=0.3)}
 

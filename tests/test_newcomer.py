@@ -13,6 +13,8 @@ from PIL import Image
 
 from fastssl import cli
 
+pytestmark = pytest.mark.usefixtures("backbones_train_here")
+
 SMALL = dict(arch="r18-w8", batch_size=16, epochs=1, max_steps=2, log_every=1, precision="fp32", queue_size=32,
              device="cpu", workers=1)
 
@@ -65,6 +67,7 @@ def test_a_beton_without_a_val_split_trains_through_ffcv(small_jpegs, tmp_path, 
     fastssl("convert", str(small_jpegs), "--to", "ffcv", "--out", str(beton), "--workers", "1", capsys=capsys)
     printed, config, summary = train(beton, tmp_path / "run", capsys, pipeline="ffcv")
     assert "kNN monitor off:" in printed and config["image_size"] == 32
+    assert "decode scratch " in printed  # FFCV's buffers for the batches in flight, in the banner
     assert summary["steps"] == 2 and summary["knn_history"] == []
 
 

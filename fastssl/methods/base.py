@@ -18,6 +18,7 @@ from ..config import TrainConfig
 from ..errors import UserError
 from ..models import EncoderAverage
 from ..queue import EmbeddingQueue
+from ..sync_batchnorm import convert_sync_batchnorm
 from ..views import ViewSpec
 
 
@@ -95,21 +96,26 @@ class Method(nn.Module):
     def distribute(self, device: torch.device, sync_bn: bool) -> None:
         """Under torchrun: DDP around the student (gradients averaged over ranks), held outside the method's
         modules so that checkpoints hold each weight once; with sync_bn, BatchNorm statistics over the global
-        batch in the student and the teacher (torch SyncBatchNorm)."""
+        batch in the student and the teacher (SyncFreeBatchNorm: torch's SyncBatchNorm without its host sync)."""
         if sync_bn:
-            self.student = nn.SyncBatchNorm.convert_sync_batchnorm(self.student)
-            self.teacher = nn.SyncBatchNorm.convert_sync_batchnorm(self.teacher)
+            self.student = convert_sync_batchnorm(self.student)
+            self.teacher = convert_sync_batchnorm(self.teacher)
         # BN running statistics are averaged over ranks when they are read (fastssl.dist), not broadcast from
         # rank 0 at every forward.
         ddp = DistributedDataParallel(PerView(self.student), device_ids=[device.index] if device.type == "cuda"
                                       else None, forward_sync_buffers=False)
         object.__setattr__(self, "_student_call", ddp)
 
+    def networks(self) -> list[nn.Module]:
+        """The modules `step` calls: --compile compiles each of them."""
+        return [self.student, self.teacher]
+
     def compile(self) -> None:
-        """torch.compile each network once, in place (the DDP wrapper calls the compiled student). The encoder's
-        average only runs in evaluation and is left alone."""
-        self.student.compile()
-        self.teacher.compile()
+        """torch.compile each network `step` calls, in place. Under DDP the compiled student runs inside DDP's forward,
+        where dynamo hands the graph to its DDPOptimizer: split at the gradient buckets' boundaries, so the all-reduce
+        of each bucket overlaps the rest of the backward. The encoder's average only runs in evaluation."""
+        for net in self.networks():
+            net.compile()
 
 
 def fp32(like: torch.Tensor):

@@ -67,6 +67,9 @@ class ReSA(Method):
     def encoder(self):
         return self.teacher[0]  # the momentum encoder is the one evaluated
 
+    def networks(self):
+        return [self.student, self.teacher[0], self.teacher[1]]  # the step calls the momentum net's parts apart
+
     def step(self, views, progress):
         m = cosine_momentum(self.cfg.momentum, progress)
         ema_update(self.teacher, nn.Sequential(self.student.encoder, self.student.projector), m)  # before its forward
