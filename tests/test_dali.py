@@ -1,10 +1,10 @@
 """The DALI pipeline, CPU-only (device_id=None): the graph a GPU run uses, on CPU operators.
 
-Views: layout, normalisation, labels in line with the images, ops at the spec's rates, crops and flips where the
-shared draws put them; epochs: the shared order, seeded, exact at any resume point and the same for any process
-count, from image files and from memory, all on one pipeline per loader; unreadable images replaced and reported in
-their own batch, even one DALI fails on while it holds earlier batches; the evaluation reader against torchvision's,
-one pipeline for every pass; the same graph placed on the GPU when training there; a short training run learns.
+Views: ops at the spec's rates, crops and flips where the shared draws put them; epochs on one pipeline per
+loader; unreadable images replaced and reported in their own batch, even one DALI fails on while it holds earlier
+batches; one evaluation pipeline for every pass; the same graph placed on the GPU when training there; a short
+training run learns. The loader contract (epochs, shards, resume; from files and from memory), the views' layout and
+labels and the evaluation reader against torchvision's: tests/test_loaders.py.
 """
 
 from __future__ import annotations
@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from nvidia.dali import Pipeline
-from pipeline_checks import (CPU, PROBE_VIEWS, check_colour_views, check_probe_rates, check_short_run_learns,
-                             probe_set)
+from pipeline_checks import CPU, PROBE_VIEWS, check_probe_rates, check_short_run_learns, probe_set
 from PIL import Image
 
 from fastssl import data
@@ -25,7 +24,6 @@ from fastssl.extras import optional
 from fastssl.pipelines import build, dali_loader
 from fastssl.pipelines.common import Shard, epoch_indices
 from fastssl.pipelines.dali_loader import PREFETCH, EvalReader, eval_graph, views_graph
-from fastssl.pipelines.torch_loader import FileEvalReader
 from fastssl.views import ViewSpec, resa_strong, strong, weak
 
 pytestmark = pytest.mark.usefixtures("backbones_train_here")
@@ -65,47 +63,6 @@ def corrupt(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
-@pytest.fixture(scope="module")
-def unique_folder(tmp_path_factory) -> ImageSet:
-    """30 image files, each its own class and colour, of different sizes (PNG: lossless)."""
-    root = tmp_path_factory.mktemp("unique")
-    for i in range(30):
-        (root / "train" / f"{i:03d}").mkdir(parents=True)
-        colour = (8 * i, 100, 255 - 8 * i)
-        Image.new("RGB", (12 + i % 7, 10 + i % 5), colour).save(root / "train" / f"{i:03d}" / "x.png")
-    return data.load(str(root))
-
-
-def test_folder_views_have_the_trainers_layout_and_labels_match_images(colour_folder):
-    images = data.load(str(colour_folder))
-    run = loader(images, 16)
-    assert len(run) == 3  # 48 images
-    for batch, idx in zip(run.epoch(0), run.indices(0), strict=True):
-        check_colour_views(batch, VIEWS)
-        assert batch["label"].tolist() == images.labels[idx].tolist() and "bad_files" not in batch
-    flat = next(loader(images, 8, channels_last=False).epoch(0))["strong"]
-    assert flat.is_contiguous() and flat.shape == (8, 3, 24, 24)
-
-
-# sets in memory: the loader contract in tests/test_loaders.py
-def test_epochs_follow_the_shared_order_and_resume_exactly_at_any_batch(unique_folder):
-    images = unique_folder
-    run = loader(images, 4)
-    assert len(run) == 7  # 30 images: whole batches only
-    epochs = [list(run.epoch(e)) for e in range(2)]
-    for e, batches in enumerate(epochs):
-        assert labels(batches) == images.labels[run.indices(e).flatten()].tolist()  # each sample once
-    assert labels(epochs[0]) != labels(epochs[1])  # reshuffled
-    assert all(same(a, b) for a, b in zip(epochs[1], loader(images, 4).epoch(1), strict=True))  # seeded
-    assert not torch.equal(next(loader(images, 4, seed=2).epoch(1))["strong"], epochs[1][0]["strong"])
-    for start in range(1, len(run)):  # crops, flips and photometric draws too, not only the order
-        assert all(same(a, b) for a, b in zip(epochs[1][start:], run.epoch(1, start_batch=start), strict=True))
-    unfinished = run.epoch(2)
-    next(unfinished)
-    unfinished.close()  # the loop left the epoch early: the next one starts at its beginning
-    assert all(same(a, b) for a, b in zip(epochs[0], run.epoch(0), strict=True))
-
-
 def test_one_pipeline_serves_every_epoch_and_every_evaluation_pass(colour_folder, builds):
     images = data.load(str(colour_folder))
     run = loader(images, 8)
@@ -123,16 +80,6 @@ def test_one_pipeline_serves_every_epoch_and_every_evaluation_pass(colour_folder
     passes = [list(reader) for _ in range(2)]
     assert builds == ["views_pipeline", "eval_pipeline"]
     assert torch.equal(first, passes[0][0]) and all(torch.equal(a, b) for a, b in zip(*passes, strict=True))
-
-
-def test_two_ranks_see_at_each_step_what_one_process_sees_at_twice_the_batch(unique_folder):
-    """Bitwise: a sample's views depend on (seed, epoch, index) only, and DALI's ops work sample by sample."""
-    whole = list(loader(unique_folder, 6).epoch(1))
-    ranks = [list(loader(unique_folder, 3, rank=r, world=2).epoch(1)) for r in range(2)]
-    assert len(whole) == len(ranks[0]) == len(ranks[1]) == 5
-    for step, (a, b) in enumerate(zip(*ranks)):
-        assert same(whole[step], {k: torch.cat([a[k], b[k]]) for k in a})
-    assert not set(labels(ranks[0])) & set(labels(ranks[1]))
 
 
 def test_crops_and_flips_are_the_shared_draws():
@@ -231,17 +178,6 @@ def test_a_failure_that_is_no_unreadable_file_is_one_line(tmp_path):
     with pytest.raises(UserError, match="fastssl convert") as err:
         list(loader(data.load(str(tmp_path)), 5).epoch(0))
     assert "\n" not in str(err.value) and str(tmp_path) in str(err.value)
-
-
-def test_evaluation_reads_files_in_order_as_torchvision_does(colour_folder):
-    images = data.load(str(colour_folder))
-    reader = EvalReader(images, 24, 20, workers=2)
-    ours, reference = list(reader), list(FileEvalReader(images, 24, 20, workers=0))
-    assert [x.shape for x in ours] == [x.shape for x in reference] == [(20, 3, 24, 24)] * 2 + [(8, 3, 24, 24)]
-    assert all(x.dtype == torch.uint8 for x in ours)
-    # the same resize sizes and centre corners; the JPEGs decode alike: at most one grey level apart
-    assert (torch.cat(ours).float() - torch.cat(reference).float()).abs().max() <= 1
-    assert all(torch.equal(a, b) for a, b in zip(ours, reader, strict=True))  # iterable again
 
 
 def test_the_gpu_graph_decodes_with_nvjpeg_and_keeps_every_view_on_the_gpu():

@@ -1,11 +1,11 @@
 """The nvJPEG pipeline on the CPU (the same decode_jpeg call, libjpeg-turbo behind it), and on CUDA where there is one.
 
-Views: layout, normalisation, labels in line with the images, each sample's views those device_augment makes of it
-alone (images of many sizes padded and grouped), a set in memory viewed as --pipeline tensor views it, ops at the
-spec's rates; files: JPEGs (RGB, grey, CMYK, progressive) and other formats decoded as PIL decodes them, the next
-batch's files read while one decodes; epochs: the shared order, seeded, exact at any resume point and the same for
-any process count; unreadable files replaced and reported, JPEGs the device decoder rejects handed to PIL; the
-evaluation reader against torchvision's; on CUDA, the decode and the batches on the GPU; a short run learns.
+Views: each sample's views those device_augment makes of it alone (images of many sizes padded and grouped), a set
+in memory viewed as --pipeline tensor views it, ops at the spec's rates; files: JPEGs (RGB, grey, CMYK, progressive)
+and other formats decoded as PIL decodes them, the next batch's files read while one decodes; unreadable files
+replaced and reported, JPEGs the device decoder rejects handed to PIL; on CUDA, the decode and the batches on the GPU;
+a short run learns. The loader contract (epochs, shards, resume; from files and from memory), the views' layout and
+labels and the evaluation reader against torchvision's: tests/test_loaders.py.
 """
 
 from __future__ import annotations
@@ -25,21 +25,13 @@ from fastssl.pipelines import build, nvjpeg_loader
 from fastssl.pipelines.common import SampleRandom, Shard
 from fastssl.pipelines.device_augment import photometric, resized_crop, sample_params
 from fastssl.pipelines.nvjpeg_loader import EvalReader, FileDecoder, padded_side
-from fastssl.pipelines.torch_loader import FileEvalReader
 from fastssl.views import ViewSpec, normalize, resa_strong, strong, weak
-
-# torchvision deprecated its image decoders in 0.29; this pipeline uses them knowingly (see its module docstring)
-pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
 
 VIEWS = {"weak": weak(24), "strong": resa_strong(24, blur_p=0.5), "crop1": ViewSpec(12, crop_scale=(0.1, 0.5))}
 
 
 def loader(images, batch, views=VIEWS, rank=0, world=1, seed=1, device=CPU, **kw):
     return build("nvjpeg", images, views, Shard(rank, world, seed, batch), device, **kw)
-
-
-def labels(batches) -> list[int]:
-    return torch.cat([b["label"] for b in batches]).tolist()
 
 
 def same(a: dict, b: dict, atol: float = 0.0) -> bool:
@@ -85,17 +77,6 @@ def test_padded_sides_are_few_and_at_most_a_quarter_larger():
     assert [padded_side(side) for side in (8, 28, 32, 375, 500)] == [8, 28, 32, 384, 512]
 
 
-def test_folder_views_have_the_trainers_layout_and_labels_match_images(colour_folder):
-    images = data.load(str(colour_folder))  # PNGs and JPEGs of many sizes
-    run = loader(images, 16)
-    assert len(run) == 3  # 48 images
-    for batch, idx in zip(run.epoch(0), run.indices(0), strict=True):
-        check_colour_views(batch, VIEWS)
-        assert batch["label"].tolist() == images.labels[idx].tolist() and "bad_files" not in batch
-    flat = next(loader(images, 8, channels_last=False).epoch(0))["strong"]
-    assert flat.is_contiguous() and flat.shape == (8, 3, 24, 24)
-
-
 def views_alone(image: torch.Tensor, key: int, seed: int, epoch: int, views: dict[str, ViewSpec]) -> dict:
     """The views device_augment makes of one uint8 [3,H,W] image alone, with the draws of sample `key`."""
     rnd, x = SampleRandom(seed, epoch, torch.tensor([key])), image[None]
@@ -121,34 +102,6 @@ def test_sets_in_memory_get_the_tensor_pipelines_views():
     images = unique_set(40, side=16)
     ours, tensor = (list(build(kind, images, VIEWS, Shard(0, 1, 2, 8), CPU).epoch(1)) for kind in ("nvjpeg", "tensor"))
     assert all(same(a, b) for a, b in zip(ours, tensor, strict=True))
-
-
-def test_epochs_follow_the_shared_order_and_resume_exactly_at_any_batch(unique_folder):
-    images = unique_folder
-    run = loader(images, 4)
-    assert len(run) == 7  # 30 images: whole batches only
-    epochs = [list(run.epoch(e)) for e in range(2)]
-    for e, batches in enumerate(epochs):
-        assert labels(batches) == images.labels[run.indices(e).flatten()].tolist()  # each sample once
-    assert labels(epochs[0]) != labels(epochs[1])  # reshuffled
-    assert all(same(a, b) for a, b in zip(epochs[1], loader(images, 4).epoch(1), strict=True))  # seeded
-    assert not torch.equal(next(loader(images, 4, seed=2).epoch(1))["strong"], epochs[1][0]["strong"])
-    for start in range(1, len(run)):  # crops, flips and photometric draws too, not only the order
-        assert all(same(a, b) for a, b in zip(epochs[1][start:], run.epoch(1, start_batch=start), strict=True))
-    unfinished = run.epoch(2)
-    next(unfinished)
-    unfinished.close()  # the loop left the epoch early: the next one starts at its beginning
-    assert all(same(a, b) for a, b in zip(epochs[0], run.epoch(0), strict=True))
-
-
-def test_two_ranks_see_at_each_step_what_one_process_sees_at_twice_the_batch(unique_folder):
-    """The same views of the same samples (the crops' matmuls may round differently in other groups)."""
-    whole = list(loader(unique_folder, 6).epoch(1))
-    ranks = [list(loader(unique_folder, 3, rank=r, world=2).epoch(1)) for r in range(2)]
-    assert len(whole) == len(ranks[0]) == len(ranks[1]) == 5
-    for step, (a, b) in enumerate(zip(*ranks)):
-        assert same(whole[step], {k: torch.cat([a[k], b[k]]) for k in a}, atol=1e-5)
-    assert not set(labels(ranks[0])) & set(labels(ranks[1]))
 
 
 def test_ops_fire_at_the_specs_rates_and_crops_stay_in_range(tmp_path):
@@ -250,17 +203,6 @@ def test_jpegs_the_device_decoder_rejects_are_decoded_by_pil_and_not_reported(tm
             red = batch["weak"][:, 0].mean((1, 2)) * 255
             assert (red - 20 * torch.tensor(idx)).abs().max() < 3
         assert (rejected in offered) == (epoch == 0)  # offered in epoch 0, then read by PIL directly
-
-
-def test_evaluation_reads_files_in_order_as_torchvision_does(colour_folder):
-    images = data.load(str(colour_folder))
-    reader = EvalReader(images, 24, 20, workers=2)
-    ours, reference = list(reader), list(FileEvalReader(images, 24, 20, workers=0))
-    assert [x.shape for x in ours] == [x.shape for x in reference] == [(20, 3, 24, 24)] * 2 + [(8, 3, 24, 24)]
-    assert all(x.dtype == torch.uint8 for x in ours)
-    # the same resize sizes and centre corners; the JPEGs decode alike: at most one grey level apart
-    assert (torch.cat(ours).float() - torch.cat(reference).float()).abs().max() <= 1
-    assert all(torch.equal(a, b) for a, b in zip(ours, reader, strict=True))  # iterable again
 
 
 def test_evaluation_names_an_unreadable_file(tmp_path):
