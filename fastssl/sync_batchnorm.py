@@ -70,7 +70,7 @@ class _GlobalBatchNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         if dy.is_cuda:  # torch's: batch_norm_backward_reduce, one all_reduce, batch_norm_backward_elemt
-            return _TorchSyncBatchNorm.backward(ctx, dy)
+            return _TorchSyncBatchNorm.backward(ctx, dy)[:8]  # its forward takes one more input (world_size)
         x, weight, mean, invstd, counts = ctx.saved_tensors
         dims, xmu = _channel_dims(x), x.float() - _per_channel(mean, x)
         dy = dy.float()
