@@ -59,21 +59,26 @@ def build_backbone(arch: str, image_size: int) -> nn.Module:
     return subsample_strided_pointwise(net)
 
 
+# CPUs with AVX-512 (F, BW, VL, DQ: oneDNN's avx512_core kernels), as ATen reports them. ATEN_CPU_CAPABILITY=avx2
+# lowers ATen's kernels but not oneDNN's: whoever sets it on such a CPU sets ONEDNN_MAX_CPU_ISA=AVX2 too.
+AVX512_CPU = torch.backends.cpu.get_cpu_capability() == "AVX512"
+
+
 class SubsampledPointwiseConv2d(nn.Conv2d):
-    """A 1x1 convolution with stride s that, on a CPU, subsamples every s-th pixel and then convolves with stride 1:
-    the same arithmetic and the same weights (state_dict keys unchanged, so checkpoints and backbone.pt stay
-    torchvision's). Other devices run the strided convolution as it is.
+    """A 1x1 convolution with stride s that, on a CPU with AVX-512, subsamples every s-th pixel and then convolves
+    with stride 1: the same arithmetic and the same weights (state_dict keys unchanged, so checkpoints and
+    backbone.pt stay torchvision's). Elsewhere (GPUs, other CPUs) it runs the strided convolution as it is.
 
     Why: the oneDNN inside torch 2.13 and 2.14 (CPU builds and CUDA builds alike) corrupts the heap in the backward of
     1x1 stride-2 channels_last convolutions of narrow layers (e.g. 8 -> 16 channels at 48 px; irregularly up to 12
-    input channels) on CPUs with AVX-512 (oneDNN's avx512_core kernels; AVX2 hosts are fine): a segfault or
+    input channels) on CPUs with AVX-512 (its avx512_core kernels; capped at AVX2 it is fine): a segfault or
     "double free" that takes the process down. That is the downsample shortcut of the narrowed ResNets at 48-64 px.
-    tests/test_torch_canary.py runs torch's bare layer in a subprocess: when an upgrade turns that strict xfail red,
-    torch is fixed and this class can go.
+    The subsample costs 5-9% of such a network's CPU step. tests/test_torch_canary.py runs torch's bare layer in a
+    subprocess: when an upgrade turns that strict xfail red, torch is fixed and this class can go.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu":
+        if x.device.type != "cpu" or not AVX512_CPU:
             return super().forward(x)
         return F.conv2d(x[:, :, ::self.stride[0], ::self.stride[1]], self.weight, self.bias, 1, 0, 1, self.groups)
 

@@ -8,10 +8,6 @@ import signal
 import subprocess
 import sys
 
-import torch
-
-# oneDNN's avx512_core kernels are the ones that crash; ATen reports "AVX512" on exactly those CPUs (AVX512F/BW/VL/DQ).
-AVX512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
 
 # torch alone: the ResNet downsample shortcut of an 8-wide network at 48 px, fp32, channels_last.
 BARE_TORCH = """
