@@ -16,6 +16,7 @@ from typing import Iterator
 import torch
 
 from fastssl.data import ImageSet
+from fastssl.errors import UserError
 from fastssl.views import ViewSpec
 
 
@@ -118,6 +119,19 @@ class Loader:
 
     def random(self, epoch: int, indices: torch.Tensor) -> SampleRandom:
         return SampleRandom(self.shard.seed, epoch, indices)
+
+    def readable(self, samples: list[int], bad: set[int]) -> list[int]:
+        """samples with each one in `bad` (known unreadable) replaced by the next sample of the set not in it; the
+        slot keeps its own random draws. UserError when none of the set can be read."""
+        if len(bad) >= len(self.images):
+            raise UserError(f"none of the images of {self.images.root} can be read; `fastssl check "
+                            f"{self.images.root}` lists the unreadable files")
+        out = []
+        for i in samples:
+            while i in bad:
+                i = (i + 1) % len(self.images)
+            out.append(i)
+        return out
 
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[dict[str, torch.Tensor]]:
         raise NotImplementedError

@@ -283,21 +283,10 @@ class DaliLoader(Loader):
                         not images.in_memory, batch_size=self.batch_size, **_dali_options(device, workers))
         self.pipeline = FedPipeline(build, [*views, "label"])
 
-    def _readable(self, idx: list[int]) -> list[int]:
-        """idx with each known-bad sample replaced by the next sample of the set not known to be bad."""
-        if len(self.bad) >= len(self.images):
-            raise UserError(f"none of the images of {self.images.root} can be read; check it with `fastssl check`")
-        out = []
-        for i in idx:
-            while i in self.bad:
-                i = (i + 1) % len(self.images)
-            out.append(i)
-        return out
-
     def _feed(self, epoch: int, idx: torch.Tensor) -> list:
         """The batch of samples idx as views_graph takes it (on the feeder thread)."""
         while True:  # until every file fed has a header PIL reads: the others are replaced before DALI sees them
-            fed = self._readable(idx.tolist())
+            fed = self.readable(idx.tolist(), self.bad)
             if self.images.in_memory:
                 pixels = self.images.images[fed].numpy()
                 sizes = torch.tensor(pixels.shape[1:3]).expand(len(fed), 2)
@@ -323,7 +312,7 @@ class DaliLoader(Loader):
             why = check_image(self.images.files[i])[0]
             return why is not None and not why.startswith("too small")
 
-        fed = sorted({i for idx in batches for i in self._readable(idx.tolist())})
+        fed = sorted({i for idx in batches for i in self.readable(idx.tolist(), self.bad)})
         bad = {i for i, is_bad in zip(fed, self.pool.map(unreadable, fed)) if is_bad}
         if not bad:
             raise _failure(self.images.root, error, checked=True) from None

@@ -41,7 +41,6 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
-from torchvision.transforms import v2
 
 from fastssl.data import ImageSet, UnreadableImage
 from fastssl.device import to_device
@@ -50,6 +49,7 @@ from fastssl.views import ViewSpec, normalize
 
 from .common import Loader, SampleRandom, Shard
 from .device_augment import photometric, resized_crop, sample_params
+from .torch_loader import eval_view
 
 JPEG_START = b"\xff\xd8\xff"  # the start-of-image marker and the first byte of the next: how every JPEG begins
 
@@ -151,19 +151,6 @@ class NvjpegLoader(Loader):
         super().__init__(images, views, shard, device, channels_last)
         self.decoder = None if images.in_memory else FileDecoder(images, device, workers)
 
-    def _readable(self, samples: list[int]) -> list[int]:
-        """samples with each known-unreadable one replaced by the next sample of the set not known to be so."""
-        bad, n = self.decoder.bad, len(self.images)
-        if len(bad) >= n:
-            raise UserError(f"none of the images of {self.images.root} can be read; `fastssl check "
-                            f"{self.images.root}` lists the unreadable files")
-        out = []
-        for i in samples:
-            while i in bad:
-                i = (i + 1) % n
-            out.append(i)
-        return out
-
     def _decoded(self, order: list[list[int]]) -> Iterator[tuple[list[torch.Tensor], list[int], list[str]]]:
         """Each batch's images (uint8 [3,H,W] on the device), the samples they are, and the unreadable files among
         the batch's own samples, each replaced by the next readable sample."""
@@ -171,9 +158,10 @@ class NvjpegLoader(Loader):
             for idx in order:
                 yield list(to_device(self.images.images[idx], self.device).permute(0, 3, 1, 2)), idx, []
             return
-        for idx, (samples, images) in zip(order, self.decoder.batches(map(self._readable, order))):
+        bad = self.decoder.bad
+        for idx, (samples, images) in zip(order, self.decoder.batches(self.readable(i, bad) for i in order)):
             while missing := [k for k, image in enumerate(images) if image is None]:
-                samples = self._readable(samples)
+                samples = self.readable(samples, bad)
                 replacements = [samples[k] for k in missing]
                 for k, image in zip(missing, self.decoder.decode(replacements, self.decoder.read(replacements))):
                     images[k] = image
@@ -189,7 +177,7 @@ class NvjpegLoader(Loader):
 
     def _views(self, images: list[torch.Tensor], rnd: SampleRandom) -> dict[str, torch.Tensor]:
         """Every view of the decoded images, normalised: float [B,3,size,size] each."""
-        sizes = torch.tensor([image.shape[1:] for image in images])  # [B, (H, W)], on the host: sample_params copies
+        sizes = to_device(torch.tensor([image.shape[1:] for image in images]), self.device)  # [B, (H, W)], once
         groups = self._shape_groups(images)
         out = {}
         for role, spec in self.views.items():
@@ -220,7 +208,7 @@ class EvalReader:
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else \
             torch.device("cpu")
         self.decoder, self.batch_size = FileDecoder(images, device, workers), batch_size
-        self.transform = v2.Compose([v2.Resize(round(size * 256 / 224), antialias=True), v2.CenterCrop(size)])
+        self.transform = eval_view(size)
 
     def __iter__(self):
         images = self.decoder.images

@@ -105,12 +105,17 @@ class MemoryEvalReader:
             yield x if x.shape[-1] == self.size else v2.functional.resize(x, [self.size, self.size], antialias=True)
 
 
+def eval_view(size: int) -> v2.Compose:
+    """The evaluation view of an image: the shorter side resized to size*256/224, the centre size x size."""
+    return v2.Compose([v2.Resize(round(size * 256 / 224), antialias=True), v2.CenterCrop(size)])
+
+
 class _CentreCrops(Dataset):
-    """The evaluation view of image files: the shorter side resized to size*256/224, the centre size x size."""
+    """The evaluation view of image files, one a sample."""
 
     def __init__(self, images: ImageSet, size: int):
         self.images = images
-        self.transform = v2.Compose([v2.Resize(round(size * 256 / 224), antialias=True), v2.CenterCrop(size)])
+        self.transform = eval_view(size)
 
     def __len__(self):
         return len(self.images)

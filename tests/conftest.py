@@ -54,9 +54,9 @@ def pytest_sessionfinish(session, exitstatus):
 
 @pytest.fixture(scope="session")
 def backbones_train_here():
-    """fastssl's backbones at the shapes the tests train, first in a subprocess (crash_checks.py): where torch crashes on
-    them, each test that trains in this process fails by name instead of taking the whole run down."""
-    done = run_python(BACKBONES)
+    """fastssl's backbones at the shapes the tests train, first in a subprocess (crash_checks.py): where torch crashes
+    on them, each test that trains in this process fails by name instead of taking the whole run down."""
+    done = run_python("-c", BACKBONES)
     if done.returncode:
         pytest.fail(f"fastssl's backbones crash torch {torch.__version__} on this CPU ({how_it_ended(done)}); nothing "
                     f"is trained in the test process: see tests/test_torch_canary.py", pytrace=False)

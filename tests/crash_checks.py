@@ -35,9 +35,9 @@ for arch, sizes in (("resnet18-w8", (16, 28, 32, 48, 64)), ("resnet18-w16", (16,
 """
 
 
-def run_python(code: str, timeout: float = 600, args: list[str] | None = None) -> subprocess.CompletedProcess:
-    """`python -c code` (or `python args...` when args are given) in a fresh interpreter; its output captured."""
-    return subprocess.run([sys.executable, *(args or ["-c", code])], capture_output=True, text=True, timeout=timeout)
+def run_python(*args: str) -> subprocess.CompletedProcess:
+    """`python args...` in a fresh interpreter, its output captured."""
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=600)
 
 
 def how_it_ended(done: subprocess.CompletedProcess) -> str:

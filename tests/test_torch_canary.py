@@ -14,10 +14,10 @@ from fastssl import models
 from fastssl.models import AVX512_CPU, SubsampledPointwiseConv2d, build_backbone
 
 
-@pytest.mark.xfail(AVX512_CPU, strict=True, reason="torch 2.13-2.14's oneDNN corrupts the heap on AVX-512 CPUs; when this "
-                   "passes, the installed torch is fixed and fastssl.models.SubsampledPointwiseConv2d can go")
+@pytest.mark.xfail(AVX512_CPU, strict=True, reason="torch 2.13-2.14's oneDNN corrupts the heap on AVX-512 CPUs; when "
+                   "this passes, the installed torch is fixed and fastssl.models.SubsampledPointwiseConv2d can go")
 def test_torch_trains_a_narrow_strided_pointwise_conv():
-    done = run_python(BARE_TORCH)
+    done = run_python("-c", BARE_TORCH)
     assert done.returncode == 0, how_it_ended(done)
 
 
@@ -70,7 +70,7 @@ for bf16 in (False, True):
 
 
 def test_the_workaround_compiles():
-    done = run_python(COMPILED)
+    done = run_python("-c", COMPILED)
     assert done.returncode == 0, how_it_ended(done)
 
 
@@ -80,9 +80,9 @@ def test_an_8_wide_resnet_trains_at_48_and_64_px(tmp_path, precision):
     for i in range(24):
         Image.new("RGB", (80, 72), (9 * i % 256, 90, 40 * (i % 5))).save(tmp_path / f"{i}.jpg")
     for size in (48, 64):
-        args = ["-m", "fastssl.cli", "train", "--data", str(tmp_path), "--out", str(tmp_path / f"run{size}"),
-                "--arch", "r18-w8", "--image-size", str(size), "--precision", precision, "--batch-size", "8",
-                "--max-steps", "3", "--queue-size", "16", "--pipeline", "torch", "--workers", "1", "--device", "cpu"]
-        done = run_python("", args=args)
+        done = run_python("-m", "fastssl.cli", "train", "--data", str(tmp_path), "--out", str(tmp_path / f"run{size}"),
+                          "--arch", "r18-w8", "--image-size", str(size), "--precision", precision, "--batch-size", "8",
+                          "--max-steps", "3", "--queue-size", "16", "--pipeline", "torch", "--workers", "1",
+                          "--device", "cpu")
         assert done.returncode == 0, f"{size} px: {how_it_ended(done)}"
         assert (tmp_path / f"run{size}" / "backbone.pt").exists()
