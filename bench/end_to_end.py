@@ -12,7 +12,6 @@ A pipeline whose package is not installed is reported as skipped. The runs are b
 
 from __future__ import annotations
 
-import argparse
 import csv
 import importlib.util
 import subprocess
@@ -20,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import RESULTS, device_name, native_bf16, pick_device, summary, write
+from common import arguments, device_name, mode_of, native_bf16, pick_device, spread, summary, table, write
 
 PIPELINES = {"torch": None, "tensor": None, "dali": "nvidia.dali", "ffcv": "ffcv"}  # name: the package it needs
 
@@ -79,20 +78,16 @@ def to_markdown(results: dict) -> str:
     lines = [f"End-to-end `fastssl train` (ReSSL, {results['arch']}, batch {results['batch']}, {results['data']}, "
              f"{results['precision']}); "
              f"{results['device']}; images/s, median (min-max) of {results['windows']} windows of {results['window']} "
-             f"steps after a warm-up window.", "", "| pipeline | images/s |", "|---|---:|"]
-    for name, r in results["images_per_s"].items():
-        lines.append(f"| {name} | {r['median']:.0f} ({r['min']:.0f}-{r['max']:.0f}) |")
-    lines += [f"| {name} | skipped: {why} |" for name, why in results["skipped"].items()]
+             f"steps after a warm-up window.", ""]
+    rows = [[name, spread(r, ".0f")] for name, r in results["images_per_s"].items()]
+    rows += [[name, f"skipped: {why}"] for name, why in results["skipped"].items()]
+    lines += table(["pipeline", "images/s"], "lr", rows)
     return "\n".join(lines) + "\n"
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer timed windows")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--out", default=str(RESULTS), help="folder for end_to_end.json and end_to_end.md")
-    args = parser.parse_args()
-    print(to_markdown(run("quick" if args.quick else "full", args.device, args.out)), end="")
+    args = arguments(__doc__, "end_to_end.json and end_to_end.md", quick="fewer timed windows").parse_args()
+    print(to_markdown(run(mode_of(args), args.device, args.out)), end="")
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from common import RESULTS
+from common import RESULTS, arguments, table, write
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -220,9 +220,9 @@ def model_only_share(outcomes: list[Outcome]) -> None:
 
 
 def to_markdown(outcomes: list[Outcome], context: str) -> str:
-    lines = [f"GPU check: {context}", "", "| step | status | seconds | figures |", "|---|---|---:|---|"]
-    for o in outcomes:
-        lines.append(f"| {o.name} | {o.status} | {o.seconds:.0f} | {_brief(o.figures)} |")
+    lines = [f"GPU check: {context}", ""]
+    lines += table(["step", "status", "seconds", "figures"], "llrl",
+                   [[o.name, o.status, f"{o.seconds:.0f}", _brief(o.figures)] for o in outcomes])
     return "\n".join(lines) + "\n"
 
 
@@ -239,11 +239,10 @@ def failed(outcomes: list[Outcome]) -> list[str]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="every step, tiny, on the CPU: checks the script itself")
+    parser = arguments(__doc__, "gpu_check.json/.md and logs/", device=False, out=RESULTS / "gpu_check",
+                       smoke="every step, tiny, on the CPU: checks the script itself")
     parser.add_argument("--budget", type=float, default=520, help="seconds for all the steps together")
     parser.add_argument("--only", help="comma-separated steps to run (the others are reported as not asked for)")
-    parser.add_argument("--out", default=str(RESULTS / "gpu_check"), help="folder for gpu_check.json/.md and logs/")
     parser.add_argument("--_env", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--_jpegs", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -278,10 +277,9 @@ def main() -> int:
     model_only_share(outcomes)
     context = (f"{s['device']} {s['arch']} at {s['size']} px, batch {s['batch']}{' (smoke)' if args.smoke else ''}; "
                f"{time.monotonic() - start:.0f} s of a {args.budget:.0f} s budget")
-    (out / "gpu_check.json").write_text(json.dumps({"context": context, "steps": [asdict(o) for o in outcomes]},
-                                                  indent=2) + "\n")
-    (out / "gpu_check.md").write_text(to_markdown(outcomes, context))
-    print(to_markdown(outcomes, context), end="")
+    markdown = to_markdown(outcomes, context)
+    write(out, "gpu_check", {"context": context, "steps": [asdict(o) for o in outcomes]}, markdown)
+    print(markdown, end="")
     bad = failed(outcomes)
     if bad:
         print(f"error: {len(bad)} step(s) failed: {', '.join(bad)} (their logs: {out / 'logs'})")

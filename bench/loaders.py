@@ -21,21 +21,19 @@ them alike; images/s is the median (min-max) of the timed runs.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from common import RESULTS, device_name, pick_device, summary, sync, write
+from common import RESULTS, arguments, device_name, mode_of, pick_device, spread, summary, sync, table, write
 from PIL import Image
 
 from fastssl import data
-from fastssl.beton import write_beton
-from fastssl.config import TrainConfig
 from fastssl.methods.ressl import ReSSL
-from fastssl.pipelines import build
+from fastssl.pipelines import build, load_images
+from fastssl.pipelines.beton import write_beton
 from fastssl.pipelines.common import Shard
 
 WORKERS = 2
@@ -69,7 +67,7 @@ def beton_of(images: data.ImageSet, path: Path, **options) -> data.ImageSet:
     if not path.exists():
         largest = None if images.in_memory else max(w * h for w, h in (Image.open(f).size for f in images.files))
         write_beton(images, path, largest=largest, workers=WORKERS, **options)
-    return data.load(str(path))
+    return load_images(str(path))
 
 
 class DecodeOnly:
@@ -129,12 +127,12 @@ def _available(kind: str) -> bool:
 
 def _loaders(images: data.ImageSet, beton: data.ImageSet | None, size: int, batch_size: int,
              device: torch.device, kinds: list[str]) -> dict:
-    views = ReSSL.views(TrainConfig(), size, *images.mean_std)
+    views = ReSSL.view_specs(ReSSL.Options.resolve({}, small=data.is_small(size)), size, *images.mean_std)
     loaders = {}
     for kind in kinds:
         if kind in ("dali", "ffcv") and not _available(kind):
             continue
-        loaders[kind] = build(kind, beton if kind == "ffcv" else images, views, Shard(batch=batch_size), device,
+        loaders[kind] = build(kind, beton if kind == "ffcv" else images, views, Shard(rank_batch=batch_size), device,
                               workers=WORKERS)
     if not images.in_memory and _available("dali"):
         loaders["decode"] = DecodeOnly(images, batch_size, device)
@@ -201,11 +199,9 @@ def to_markdown(results: dict) -> str:
     for size, section in results["sizes"].items():
         rows = section["rows"]
         base = rows["torch"]["median"]
-        lines += [f"{size} px: {section['images']} images ({section['data']}), batch {section['batch']}", "",
-                  "| pipeline | images/s | vs torchvision |", "|---|---:|---:|"]
-        for name, r in rows.items():
-            lines.append(f"| {NAMES[name]} | {r['median']:.0f} ({r['min']:.0f}-{r['max']:.0f}) | "
-                         f"{r['median'] / base:.2f}x |")
+        lines += [f"{size} px: {section['images']} images ({section['data']}), batch {section['batch']}", ""]
+        lines += table(["pipeline", "images/s", "vs torchvision"], "lrr",
+                       [[NAMES[name], spread(r, ".0f"), f"{r['median'] / base:.2f}x"] for name, r in rows.items()])
         lines.append("")
     target = results.get("target")
     if target:
@@ -220,13 +216,11 @@ def to_markdown(results: dict) -> str:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer images and runs (a few minutes on 2 CPU cores)")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser = arguments(__doc__, "loaders.json and .md, and generated data",
+                       quick="fewer images and runs (a few minutes on 2 CPU cores)")
     parser.add_argument("--data", default=None, help="ImageFolder root for the 224 px rows (default: a generated tree)")
-    parser.add_argument("--out", default=str(RESULTS), help="folder for loaders.json and .md, and generated data")
     args = parser.parse_args()
-    print(to_markdown(run("quick" if args.quick else "full", args.device, args.data, args.out)), end="")
+    print(to_markdown(run(mode_of(args), args.device, args.data, args.out)), end="")
 
 
 if __name__ == "__main__":

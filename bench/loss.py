@@ -14,15 +14,13 @@ allocation over 64 KiB so that a freed tensor leaves the resident set.
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
 from functools import partial
 
 import torch
 import torch.nn.functional as F
-from common import (RESULTS, can_measure_cpu_memory, cpu_peak, device_name, pick_device, reset_cpu_peak, run_script,
-                    summary, sync, write)
+from common import (answer, arguments, can_measure_cpu_memory, cpu_peak, device_name, mode_of, pick_device,
+                    reset_cpu_peak, run_script, spread, summary, sync, table, write)
 
 from fastssl.kernels import relational as R
 
@@ -101,12 +99,12 @@ def run(mode: str = "full", device: str = "auto", out_dir: str | None = None,
     memory_on_cpu = device == "cpu" and can_measure_cpu_memory()
     cases = []
     for keys, dim in shapes or SHAPES[mode]:
-        measured = run_script(__file__, "shape", str(keys), str(dim), device, str(reps))
+        measured = run_script(__file__, "shape", keys, dim, device, reps)
         shape_cases = []
         for impl, m in measured.items():
             peak = m["peak_extra"]
             if memory_on_cpu:
-                peak = run_script(__file__, "memory", impl, str(keys), str(dim), MALLOC_MMAP_THRESHOLD_="65536")
+                peak = run_script(__file__, "memory", impl, keys, dim, MALLOC_MMAP_THRESHOLD_="65536")
             shape_cases.append({"K": keys, "D": dim, "impl": impl, "ms": m["ms"],
                                 "peak_extra_mib": None if peak is None else peak / 2**20})
         ref = shape_cases[0]
@@ -138,14 +136,10 @@ def to_markdown(results: dict) -> str:
     fmt = lambda v, spec: "n/a" if v is None else format(v, spec)  # noqa: E731
     lines = [f"Relational loss forward+backward, B={results['B']}, {results['dtype']}, tau_s={results['tau_s']}, "
              f"tau_t={results['tau_t']}; {results['device']}, "
-             f"torch {results['torch']}; median (min-max) of {results['reps']} runs.", "",
-             "| K | D | impl | ms | time / ref | peak extra MiB | memory / ref |",
-             "|---:|---:|---|---:|---:|---:|---:|"]
-    for c in results["cases"]:
-        ms = c["ms"]
-        lines.append(f"| {c['K']} | {c['D']} | {c['impl']} | {ms['median']:.1f} ({ms['min']:.1f}-{ms['max']:.1f}) | "
-                     f"{c['time_vs_reference']:.2f} | {fmt(c['peak_extra_mib'], '.1f')} | "
-                     f"{fmt(c['memory_vs_reference'], '.3f')} |")
+             f"torch {results['torch']}; median (min-max) of {results['reps']} runs.", ""]
+    lines += table(["K", "D", "impl", "ms", "time / ref", "peak extra MiB", "memory / ref"], "rrlrrrr",
+                   [[c["K"], c["D"], c["impl"], spread(c["ms"], ".1f"), f"{c['time_vs_reference']:.2f}",
+                     fmt(c["peak_extra_mib"], ".1f"), fmt(c["memory_vs_reference"], ".3f")] for c in results["cases"]])
     target = results["target"]
     if target is not None:
         lines += ["", f"Target at K={target['K']}, D={target['D']} ({target['impl']}): memory / ref "
@@ -156,24 +150,15 @@ def to_markdown(results: dict) -> str:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="two shapes, fewer runs (about a minute on CPU)")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--out", default=str(RESULTS), help="folder for loss.json and loss.md")
+    parser = arguments(__doc__, "loss.json and loss.md", quick="two shapes, fewer runs (about a minute on CPU)",
+                       sub=True)
     parser.add_argument("--shapes", help="comma-separated KxD shapes instead of the mode's, e.g. 65536x128,65536x512")
-    parser.add_argument("--_sub", nargs="+", help=argparse.SUPPRESS)  # a measurement, run by run_script
     args = parser.parse_args()
     shapes = args.shapes and [tuple(map(int, shape.split("x"))) for shape in args.shapes.split(",")]
     if args._sub:
-        kind, *rest = args._sub
-        if kind == "shape":
-            keys, dim, device, reps = rest
-            print(json.dumps(_measure_shape(int(keys), int(dim), device, int(reps))))
-        else:
-            impl, keys, dim = rest
-            print(json.dumps(_peak_extra_cpu(impl, int(keys), int(dim))))
+        answer(args._sub, shape=_measure_shape, memory=_peak_extra_cpu)
         return
-    print(to_markdown(run("quick" if args.quick else "full", args.device, args.out, shapes)), end="")
+    print(to_markdown(run(mode_of(args), args.device, args.out, shapes)), end="")
 
 
 if __name__ == "__main__":

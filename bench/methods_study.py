@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from common import RESULTS, device_name, pick_device, write
+from common import arguments, device_name, pick_device, pyplot, save_figure, table, write
 
 METHOD_ORDER = ("ressl", "isd", "resa", "mocov2", "byol")
 QUICK = dict(epochs=1, arch="resnet18-w8", batch_size=64, train_subset=1024, knn_bank=1000, knn_queries=500)
@@ -35,16 +35,16 @@ def _train_one(settings: dict) -> dict:
     import resource
 
     from fastssl import pipelines
-    from fastssl.config import TrainConfig
+    from fastssl.config import settings as config
     from fastssl.evaluate import cluster_scores, extract_features
     from fastssl.methods import METHODS
     from fastssl.train import loop, setup
     cuda = settings["device"] == "cuda"
     start = time.perf_counter()
-    run = setup(TrainConfig(**settings))
+    run = setup(config(**settings))
     summary = loop(run)
     peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    queries = run.monitor.queries  # the kNN monitor's
+    queries = run.knn.queries  # the kNN monitor's
     reader = pipelines.eval_reader(run.cfg.pipeline, queries, run.cfg.image_size, batch_size=512, workers=0)
     features = extract_features(run.method.evaluated_encoder(), reader, queries.mean_std, run.device,
                                 precision=run.precision, channels_last=run.cfg.channels_last)
@@ -81,8 +81,7 @@ def run(epochs: int, arch: str, batch_size: int, train_subset: int, knn_bank: in
         shutil.rmtree(run_dir, ignore_errors=True)  # the trainer refuses to start over an earlier run
         print(f"== {method}", file=sys.stderr, flush=True)
         results["methods"][method] = _run_method({**common, "method": method, "out": str(run_dir)})
-    write(out_dir, "methods_study", results, to_markdown(results))
-    plot(results, Path(out_dir) / "methods_study.png")
+    write(out_dir, "methods_study", results, to_markdown(results), plot)
     return results
 
 
@@ -96,17 +95,17 @@ def to_markdown(results: dict) -> str:
              f"torch {results['torch']}. Weighted kNN "
              f"top-1 (k=200, T=0.1; bank {bank}, queries {queries}) and, at the end, k-means on the queries' "
              f"L2-normalised features (k = 10 classes): NMI, ARI, cluster accuracy (Hungarian matching); each method "
-             f"with its own recipe defaults.", "",
-             "| method | kNN top-1 (final) | best (epoch) | random init | NMI | ARI | cluster acc | images/s "
-             "| peak memory (MiB) | backprops/image |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             f"with its own recipe defaults.", ""]
+    rows = []
     for method, r in results["methods"].items():
         history = r["knn_history"]
         best_epoch, best = max(history, key=lambda h: h[1])
         c = r["cluster"]
-        lines.append(f"| {method} | {history[-1][1]:.2f} | {best:.2f} ({best_epoch}) | {history[0][1]:.2f} "
-                     f"| {c['nmi']:.3f} | {c['ari']:.3f} | {100 * c['acc']:.2f} "
-                     f"| {r['images_per_s']:.0f} | {r['peak_memory_mib']:.0f} | {r['backprops_per_image']} |")
+        rows.append([method, f"{history[-1][1]:.2f}", f"{best:.2f} ({best_epoch})", f"{history[0][1]:.2f}",
+                     f"{c['nmi']:.3f}", f"{c['ari']:.3f}", f"{100 * c['acc']:.2f}", f"{r['images_per_s']:.0f}",
+                     f"{r['peak_memory_mib']:.0f}", r["backprops_per_image"]])
+    lines += table(["method", "kNN top-1 (final)", "best (epoch)", "random init", "NMI", "ARI", "cluster acc",
+                    "images/s", "peak memory (MiB)", "backprops/image"], "l" + "r" * 9, rows)
     kinds = {r["peak_memory_kind"] for r in results["methods"].values()}
     lines += ["", f"Peak memory: {', '.join(sorted(kinds))} of each method's own process (data set and kNN monitor "
                   f"included on CPU). images/s counts training steps only. Random init: the monitor's epoch-0 point, "
@@ -115,23 +114,20 @@ def to_markdown(results: dict) -> str:
 
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = pyplot().subplots(figsize=(6, 4))
     for method, r in results["methods"].items():
         ax.plot([e for e, _ in r["knn_history"]], [a for _, a in r["knn_history"]], marker="o", label=method)
     ax.set(xlabel="epoch", ylabel="weighted kNN top-1 (%)",
            title=f"Fashion-MNIST, {results['arch']}, batch {results['batch_size']}")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    quick = ", ".join(f"{k} {v}" for k, v in QUICK.items())
+    parser = arguments(__doc__, "methods_study.{json,md,png} and the runs",
+                       quick=f"a check of the script in a few minutes: {quick}")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--arch", default="resnet18-w16", help="backbone, the same for every method")
     parser.add_argument("--batch-size", type=int, default=256)
@@ -139,12 +135,8 @@ def main():
     parser.add_argument("--knn-bank", type=int, default=10000, help="kNN bank from the train split (0: all)")
     parser.add_argument("--knn-queries", type=int, default=2000, help="kNN queries from the test split (0: all)")
     parser.add_argument("--methods", default=",".join(METHOD_ORDER), help="comma-separated, in table order")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                         help="auto: bf16 autocast on CUDA and on CPUs with native bf16, as `fastssl train` picks")
-    quick = ", ".join(f"{k} {v}" for k, v in QUICK.items())
-    parser.add_argument("--quick", action="store_true", help=f"a check of the script in a few minutes: {quick}")
-    parser.add_argument("--out", default=str(RESULTS), help="folder for methods_study.{json,md,png} and the runs")
     parser.add_argument("--_sub", help=argparse.SUPPRESS)  # one training run's settings, run by _run_method
     args = parser.parse_args()
     if args._sub:

@@ -4,8 +4,8 @@
 
 Times `fastssl.train.train_step` (the loop's own step: the method's loss under autocast, backward, SGD, queue)
 on random views of the method's view sizes, so the pipeline is left out; the method is built as the trainer
-builds it (`build_method` with the default split BN, `method.compile()` for the compiled setting). Every (method,
-setting) runs in a fresh subprocess: warm-up steps (torch.compile compiles there), then `reps` timed runs of
+builds it (`fastssl.methods.build` with the default split BN, `method.compile()` for the compiled setting). Every
+(method, setting) runs in a fresh subprocess: warm-up steps (torch.compile compiles there), then `reps` timed runs of
 `steps` steps; images/s is the median with its spread. Peak memory is what training needs above the built model
 (activations, gradients, optimizer state): torch.cuda.max_memory_allocated on CUDA, the resident-set high-water
 mark on CPU.
@@ -18,14 +18,13 @@ the bf16 peak are reported as skipped (common.native_bf16).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import time
 
 import torch
 
-from common import (NO_BF16, RESULTS, can_measure_cpu_memory, cpu_peak, device_name, native_bf16, pick_device,
-                    reset_cpu_peak, run_script, summary, sync, write)
+from common import (NO_BF16, answer, arguments, can_measure_cpu_memory, cpu_peak, device_name, mode_of, native_bf16,
+                    pick_device, reset_cpu_peak, run_script, spread, summary, sync, table, write)
 
 # name: (precision, channels_last, compile)
 SETTINGS = {"fp32": ("fp32", False, False), "fp32 channels_last": ("fp32", True, False),
@@ -52,19 +51,20 @@ def defaults(device: str, mode: str) -> dict:
 def _build(method: str, arch: str, size: int, batch: int, device: str, setting: str):
     from fastssl.config import TrainConfig
     from fastssl.device import autocast
-    from fastssl.train import bn_groups, build_method
+    from fastssl.dist import BatchSplit
+    from fastssl.methods import build
     precision, channels_last, compiled = SETTINGS[setting]
     dev = torch.device(device)
     cfg = TrainConfig(method=method, arch=arch, image_size=size, batch_size=batch)
-    cfg, m = build_method(cfg, bn_groups(cfg, world=1))
+    cfg, m = build(cfg, BatchSplit(batch, bn_splits=cfg.bn_splits).bn_groups)
     m.to(dev, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     if compiled:
         m.compile()
     g = torch.Generator(dev).manual_seed(0)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     views = {role: torch.randn(batch, 3, spec.size, spec.size, generator=g, device=dev).contiguous(memory_format=fmt)
-             for role, spec in m.views(cfg, size, (0.5,) * 3, (0.25,) * 3).items()}
-    opt = torch.optim.SGD(m.trainable().parameters(), lr=0.01, momentum=0.9, weight_decay=cfg.weight_decay)
+             for role, spec in m.view_specs(m.opts, size, (0.5,) * 3, (0.25,) * 3).items()}
+    opt = torch.optim.SGD(m.trainable().parameters(), lr=0.01, momentum=0.9, weight_decay=m.opts.weight_decay)
     return m, views, opt, autocast(precision, dev)
 
 
@@ -136,7 +136,7 @@ def run(mode: str = "full", device: str = "auto", arch: str | None = None, size:
     settings = settings or (list(SETTINGS) if mode == "full" else ["fp32", "bf16 channels_last"])
     methods = {m: cls for m, cls in methods_available().items() if not methods or m in methods}
     bf16 = native_bf16(device)
-    peaks = {dt: run_script(__file__, "peak", device, dt, str(reps)) if dt == "float32" or bf16 else None
+    peaks = {dt: run_script(__file__, "peak", device, dt, reps) if dt == "float32" or bf16 else None
              for dt in ("float32", "bfloat16")}
     cases, flops = [], {}  # flops: per method, counted in its first (eager) setting
     for method, cls in methods.items():
@@ -147,8 +147,8 @@ def run(mode: str = "full", device: str = "auto", arch: str | None = None, size:
                 cases.append({"method": method, "setting": setting, "skipped": NO_BF16,
                               "backprops_per_image": cls.backprops_per_image})
                 continue
-            m = run_script(__file__, "step", method, shape["arch"], str(shape["size"]), str(shape["batch"]), device,
-                           setting, str(steps), str(reps))
+            m = run_script(__file__, "step", method, shape["arch"], shape["size"], shape["batch"], device, setting,
+                           steps, reps)
             peak = peaks["bfloat16" if SETTINGS[setting][0] == "bf16" else "float32"]
             m["flops_per_image"] = flops.setdefault(method, m["flops_per_image"])
             cases.append({"method": method, "setting": setting, **m,
@@ -175,17 +175,15 @@ def to_markdown(results: dict) -> str:
     lines = [f"Training step, {results['arch']} at {results['size']} px, batch {results['batch']}; "
              f"{results['device']}, torch {results['torch']}; images/s median (min-max) of {results['reps']} runs of "
              f"{results['steps']} steps. Matmul peak measured in this run: fp32 {peaks['float32'] / 1e9:.0f} "
-             f"GFLOP/s, bf16 {bf16}.", "",
-             "| method | setting | backprops/image | images/s | peak extra MiB | GFLOP/image | MFU |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+             f"GFLOP/s, bf16 {bf16}.", ""]
+    rows = []
     for c in results["cases"]:
-        if "skipped" in c:
-            lines.append(f"| {c['method']} | {c['setting']} | {c['backprops_per_image']} | {c['skipped']} | | | |")
-            continue
-        r = c["images_per_s"]
-        lines.append(f"| {c['method']} | {c['setting']} | {c['backprops_per_image']} | {r['median']:.1f} "
-                     f"({r['min']:.1f}-{r['max']:.1f}) | {c['peak_extra_mib']:.0f} | {c['flops_per_image'] / 1e9:.2f} "
-                     f"| {c['mfu']:.1%} |")
+        figures = ([c["skipped"], "", "", ""] if "skipped" in c else
+                   [spread(c["images_per_s"], ".1f"), f"{c['peak_extra_mib']:.0f}",
+                    f"{c['flops_per_image'] / 1e9:.2f}", f"{c['mfu']:.1%}"])
+        rows.append([c["method"], c["setting"], c["backprops_per_image"], *figures])
+    lines += table(["method", "setting", "backprops/image", "images/s", "peak extra MiB", "GFLOP/image", "MFU"],
+                   "llrrrrr", rows)
     if results["ressl_over_byol_step_time"]:
         parts = ", ".join(f"{s}: {r:.2f}" for s, r in results["ressl_over_byol_step_time"].items())
         lines += ["", f"ReSSL step time / BYOL-symmetric step time (target <= "
@@ -195,33 +193,23 @@ def to_markdown(results: dict) -> str:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="two settings, fewer runs (on CPUs a narrower network)")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser = arguments(__doc__, "step.json and step.md", quick="two settings, fewer runs (on CPUs a narrower network)",
+                       sub=True)
     parser.add_argument("--arch", help="backbone (default: resnet18 on CPU, its 16-wide form with --quick; "
                                        "resnet50 on CUDA)")
     parser.add_argument("--size", type=int, help="view side in px (default: 32 on CPU, 224 on CUDA)")
     parser.add_argument("--batch", type=int, help="batch size (default: 64 on CPU, 128 with --quick; 128 on CUDA)")
-    parser.add_argument("--out", default=str(RESULTS), help="folder for step.json and step.md")
     parser.add_argument("--methods", help=f"comma-separated subset of {','.join(METHOD_ORDER)}")
     parser.add_argument("--settings", help=f"comma-separated subset of {','.join(SETTINGS)}")
-    parser.add_argument("--_sub", nargs="+", help=argparse.SUPPRESS)  # a measurement, run by run_script
     args = parser.parse_args()
     chosen = {name: getattr(args, name).split(",") if getattr(args, name) else None for name in ("methods", "settings")}
     unknown = set(chosen["settings"] or ()) - set(SETTINGS)
     if unknown:
         parser.error(f"unknown settings {sorted(unknown)}; choose from {list(SETTINGS)}")
     if args._sub:
-        import json
-        kind, *rest = args._sub
-        if kind == "peak":
-            print(json.dumps(_matmul_peak(rest[0], rest[1], int(rest[2]))))
-        else:
-            method, arch, size, batch, device, setting, steps, reps = rest
-            print(json.dumps(_measure(method, arch, int(size), int(batch), device, setting, int(steps), int(reps))))
+        answer(args._sub, peak=_matmul_peak, step=_measure)
         return
-    print(to_markdown(run("quick" if args.quick else "full", args.device, args.arch, args.size, args.batch, args.out,
-                          **chosen)), end="")
+    print(to_markdown(run(mode_of(args), args.device, args.arch, args.size, args.batch, args.out, **chosen)), end="")
 
 
 if __name__ == "__main__":

@@ -15,9 +15,7 @@ without native bf16, to test that path on one that has it.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import platform
 import time
 from importlib import metadata
@@ -28,7 +26,7 @@ import loaders
 import loss
 import step
 import torch
-from common import RESULTS, device_name, pick_device
+from common import arguments, device_name, mode_of, pick_device, pyplot, save_figure, write
 
 
 def versions() -> dict:
@@ -57,11 +55,7 @@ def run(mode: str, device: str, data: str | None, out_dir: str) -> dict:
         print(f"[{name}: {sections[name]['seconds']:.0f} s]", flush=True)
     results = {"device": device_name(device), "machine": platform.processor() or platform.machine(),
                "versions": versions(), "mode": mode, **sections}
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "results.md").write_text(to_markdown(results))
-    plot(results, out / "throughput.png")
+    write(out_dir, "results", results, to_markdown(results), plot, "throughput.png")
     return results
 
 
@@ -78,11 +72,7 @@ def to_markdown(results: dict) -> str:
 
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 4, figsize=(20, 4.5))
+    fig, axes = pyplot().subplots(1, 4, figsize=(20, 4.5))
 
     def bars(ax, labels, values, title, unit):
         ax.barh(labels, values, color="tab:blue")
@@ -102,23 +92,17 @@ def plot(results: dict, path: Path) -> None:
     e2e = results["end_to_end"]["images_per_s"]
     bars(axes[3], list(e2e), [r["median"] for r in e2e.values()], "fastssl train, end to end", "images/s")
     fig.suptitle(f"fastssl on {results['device']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    size = parser.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="fewer shapes, settings and repetitions (~5 min on CPU)")
-    size.add_argument("--smoke", action="store_true", help="tiny shapes, one run each: checks that it all runs")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser = arguments(__doc__, "results.json, results.md, throughput.png",
+                       quick="fewer shapes, settings and repetitions (~5 min on CPU)",
+                       smoke="tiny shapes, one run each: checks that it all runs")
     parser.add_argument("--data", help="an ImageNet-layout folder of JPEGs for the loaders (default: built from "
                                        "Fashion-MNIST, upscaled to ImageNet-like sizes)")
-    parser.add_argument("--out", default=str(RESULTS), help="folder for results.json, results.md, throughput.png")
     args = parser.parse_args()
-    mode = "quick" if args.quick else "smoke" if args.smoke else "full"
-    print(to_markdown(run(mode, args.device, args.data, args.out)), end="")
+    print(to_markdown(run(mode_of(args), args.device, args.data, args.out)), end="")
 
 
 if __name__ == "__main__":

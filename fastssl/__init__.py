@@ -12,8 +12,8 @@ import importlib
 
 __version__ = "0.2.0"
 
-_PUBLIC = {"TrainConfig": "config", "train": "train", "METHODS": "methods", "UserError": "errors",
-           "relational_loss": "kernels"}
+_PUBLIC = {"TrainConfig": "config", "settings": "config", "train": "train", "METHODS": "methods",
+           "UserError": "errors", "relational_loss": "kernels"}
 __all__ = ["__version__", *_PUBLIC]
 
 

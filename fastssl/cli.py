@@ -12,26 +12,34 @@ from typing import Optional
 
 import typer
 
-from .config import KNN_K, KNN_T, TrainConfig, load_file, merge
+from . import methods
+from .config import FIELDS, KNN_K, KNN_T, from_saved, load_file, merge
 from .errors import EXIT_STOPPED, Stopped, UserError
+from .methods import METHODS
+from .options import TYPES, optional, type_name
 
 app = typer.Typer(help="fastssl: high-throughput relational self-supervised learning (ReSSL, ISD, ReSA, ...).",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 eval_app = typer.Typer(help="Evaluate a trained encoder (frozen).", no_args_is_help=True)
 app.add_typer(eval_app, name="eval")
 
-_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 
-
-def _recipe_default(name: str) -> str:
-    """Help text for a setting the method's recipe fills in: each method's small-image / ImageNet value."""
-    from .methods import METHODS
-    parts = []
+def _method_option_help(name: str) -> str:
+    """An option of one or more methods: what it is (for each method where meanings differ) and each one's recipe
+    value, small images / ImageNet."""
+    meanings, values = {}, []
     for m, cls in sorted(METHODS.items()):
-        small, large = cls.defaults(True).get(name), cls.defaults(False).get(name)
-        if small is not None:
-            parts.append(f"{m} {small:g}" + (f"/{large:g}" if large != small else ""))
-    return f" (default from the recipe, small images/ImageNet: {', '.join(parts)})" if parts else ""
+        if name in cls.Options.names():
+            meanings.setdefault(cls.Options.help(name), []).append(m)
+            small, large = (_shown(cls.Options.recipe(s)[name]) for s in (True, False))
+            values += [f"{m} {small}" + (f"/{large}" if large != small else "")] if small is not None else []
+    what = "; ".join(f"{', '.join(ms)}: {text}" for text, ms in meanings.items()) if len(meanings) > 1 else [
+        *meanings][0]
+    return what + (f" (default from the recipe, small images/ImageNet: {', '.join(values)})" if values else "")
+
+
+def _shown(value) -> str | None:
+    return None if value is None else ("on" if value else "off") if isinstance(value, bool) else f"{value:g}"
 
 
 def _train(ctx: typer.Context, config: Optional[Path], **options):
@@ -44,19 +52,21 @@ def _train(ctx: typer.Context, config: Optional[Path], **options):
 
 
 def _train_signature() -> inspect.Signature:
-    """One option per TrainConfig field, with its help and default: the dataclass is the single source."""
+    """One option per setting, with its help and default: TrainConfig's fields, then every method's options (the
+    dataclasses are the single source)."""
     params = [inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context),
               inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
                                 default=typer.Option(None, help="YAML or TOML file with the same keys; "
                                                                 "command-line options override it"))]
-    for f in fields(TrainConfig):
-        type_name = str(f.type).split(" ")[0]
-        optional = "None" in str(f.type)
-        help_text = f.metadata["help"] + _recipe_default(f.name)
+    method_options = {f.name: f for cls in METHODS.values() for f in fields(cls.Options)}
+    for f in [*FIELDS.values(), *method_options.values()]:
+        own = f.name in FIELDS
+        help_text = f.metadata["help"] if own else _method_option_help(f.name)
+        help_text += f": {' | '.join(sorted(METHODS))}" if f.name == "method" else ""
+        kind = TYPES[type_name(f)]
         params.append(inspect.Parameter(
-            f.name, inspect.Parameter.KEYWORD_ONLY,
-            annotation=Optional[_TYPES[type_name]] if optional else _TYPES[type_name],
-            default=typer.Option(f.default, help=help_text, show_default=not optional)))
+            f.name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[kind] if optional(f) or not own else kind,
+            default=typer.Option(f.default if own else None, help=help_text, show_default=own and not optional(f))))
     return inspect.Signature(params)
 
 
@@ -66,14 +76,12 @@ app.command("train", help="Pretrain an encoder. Example: fastssl train --data fa
 
 def _load_encoder(checkpoint_path: Path, device_name: str):
     from . import checkpoint
-    from .config import from_dict
     from .device import pick_device
-    from .train import build_method
     state = checkpoint.load(checkpoint_path)
     if not isinstance(state, dict) or "config" not in state:
         raise UserError(f"{checkpoint_path} is not a fastssl training checkpoint (no config); pass the run's "
                         f"checkpoint.pt")
-    cfg, method = build_method(from_dict(state["config"]))  # BN groups only matter in training
+    cfg, method = methods.build(from_saved(state["config"]))  # BN groups only matter in training
     method.load_state_dict(state["method"])
     device = pick_device(device_name)
     return cfg, method.evaluated_encoder().to(device), device
@@ -82,14 +90,13 @@ def _load_encoder(checkpoint_path: Path, device_name: str):
 def _eval_features(checkpoint_path: Path, data: Optional[str], data_val: str, device: str, workers: int,
                    precision: str):
     """Features and labels of the bank (train split) and the queries (evaluation split) of labelled data."""
-    from . import data as datasets
     from . import pipelines
     from .device import pick_precision
     from .evaluate import extract_features
     cfg, encoder, dev = _load_encoder(checkpoint_path, device)
     data = data or cfg.data
-    bank = datasets.load(data, "train")
-    queries, why = datasets.eval_split(data, data_val)
+    bank = pipelines.load_images(data, "train")
+    queries, why = pipelines.eval_split(data, data_val)
     if not bank.labelled or queries is None or not queries.labelled:
         raise UserError(f"fastssl eval needs labelled data: a train split (the bank or training set) and a val or "
                         f"test split (the queries); {data} has {'no labels' if not bank.labelled else why}; pass "

@@ -1,15 +1,15 @@
-"""Data sets: named sets (Fashion-MNIST, CIFAR-10/100 held in memory; ImageNet found as a folder), image folders
-and FFCV .beton files.
+"""Data sets: named sets (Fashion-MNIST, CIFAR-10/100 held in memory; ImageNet found as a folder) and image folders;
+image sizes and statistics; which image files are readable.
 
 Every split is an `ImageSet`: labels (-1: unlabelled) plus either a uint8 [N,H,W,3] tensor (small sets, grayscale
-expanded to RGB) or a list of image files decoded on demand; a .beton written by `fastssl convert` is a
-`fastssl.beton.BetonSet`. `--data` takes any of these layouts:
+expanded to RGB) or a list of image files decoded on demand. `--data` takes any of these layouts:
 
 - a named set: fashion-mnist, cifar10, cifar100, imagenet (looked for in $FASTSSL_DATA, ./data, ~/data);
 - an ImageFolder root: train/, and val/ or test/ (optional), each with one folder per class;
 - a folder of class folders (no train/): the whole folder is the labelled train split;
 - a folder of images (images in the folder itself, found at any depth below it): an unlabelled train split;
-- NAME_train.beton, its evaluation split NAME_val.beton (or NAME_test.beton) beside it.
+- NAME_train.beton, its evaluation split NAME_val.beton (or NAME_test.beton) beside it: FFCV files, which
+  fastssl.pipelines reads (`pipelines.load_images`, `pipelines.eval_split`; everything else is read here).
 
 Bad input raises `UserError` naming the path and what to do.
 """
@@ -26,12 +26,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 from torchvision.transforms.v2.functional import pil_to_tensor
 
 from .errors import UserError
-from .views import IMAGENET_MEAN, IMAGENET_STD, SMALL_IMAGE_MAX
 
 FASHION_MNIST_DEBIAN = Path("/usr/share/datasets/fashion-mnist")
 IN_MEMORY = ("fashion-mnist", "cifar10", "cifar100")
@@ -40,6 +39,10 @@ FOLDERS = {"fashion-mnist": "fashion-mnist", "cifar10": "cifar-10-batches-py", "
            "imagenet": "imagenet"}  # each named set's folder under $FASTSSL_DATA, ./data, ~/data
 SPLIT_DIRS = ("train", "val", "test")  # what makes a folder an ImageFolder root
 PROBED = 64  # image files whose headers give a folder's native size
+SMALL_IMAGE_MAX = 64  # the longest side of a small image (is_small)
+MIN_SIDE = 8  # smaller images (tracking pixels, icons, thumbnails gone wrong) hold nothing a crop can learn from
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 # Per-channel mean/std of each named set's training images (Fashion-MNIST is gray, repeated on 3 channels).
 STATS = {
     "fashion-mnist": ((0.2860,) * 3, (0.3530,) * 3),
@@ -47,6 +50,12 @@ STATS = {
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
     "imagefolder": (IMAGENET_MEAN, IMAGENET_STD),
 }
+
+
+def is_small(size: int) -> bool:
+    """Images up to 64 px get the CIFAR recipes: no blur, the 3x3 stride-1 stem without max-pool, the methods'
+    small-image defaults. The one place that decides it."""
+    return size <= SMALL_IMAGE_MAX
 
 
 class UnreadableImage(UserError):
@@ -141,23 +150,20 @@ def probe_side(files: tuple[str, ...]) -> int | None:
                 longest = max(longest, *im.size)
         except (OSError, SyntaxError, ValueError):
             continue
-        if longest > SMALL_IMAGE_MAX:
+        if not is_small(longest):
             return None
     return longest or None
 
 
 def load(data: str, split: str = "train") -> ImageSet:
-    """Split train or test of `data`: a named set, a folder (see the module's docstring) or a .beton. The test split
-    of a folder is its val/ (else test/), of NAME_train.beton the NAME_val.beton (else NAME_test.beton) beside it."""
+    """Split train or test of `data`: a named set or a folder (see the module's docstring). The test split of a
+    folder is its val/ (else test/)."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be train or test, got {split!r}")
     name = data.lower()
     if name in IN_MEMORY:
         return _load_named(name, find_named(name), split)
     root = find_named(name) if name in NAMED else existing(data)
-    if root.suffix == ".beton":
-        from . import beton
-        return beton.load(root, split)
     kind = detect(root)
     if kind in IN_MEMORY:
         return _load_named(kind, root, split)
@@ -254,6 +260,34 @@ def _unpickle(path: Path) -> dict:
         raise UserError(f"{path} is not a CIFAR python batch ({e}); re-extract the archive") from None
 
 
+def check_image(path: str) -> tuple[str | None, tuple[int, int]]:
+    """(why the image cannot be used, or None; its (width, height)). A why starts with the problem and ':':
+    empty, unreadable, truncated, not RGB or too small.
+
+    JPEGs are decoded at 1/8 scale (draft), up to three times faster, which still reads every coefficient: a
+    file cut short anywhere, even by its last two bytes, fails as truncated (tests/test_convert.py checks it)."""
+    try:
+        if os.path.getsize(path) == 0:
+            return "empty: 0 bytes", (0, 0)
+        with Image.open(path) as im:
+            size = im.size
+            if im.format == "JPEG":
+                im.draft(None, (max(1, im.width // 8), max(1, im.height // 8)))
+            im.load()
+            try:
+                im.convert("RGB")
+            except ValueError as e:
+                return f"not RGB: {e}", size
+    except UnidentifiedImageError:
+        return "unreadable: PIL cannot identify it as an image", (0, 0)
+    except Exception as e:  # PIL raises many types for bad files (OSError, SyntaxError, ValueError, ...)
+        kind = "truncated" if "truncated" in str(e).lower() else "unreadable"
+        return f"{kind}: {type(e).__name__}: {' '.join(str(e).split())}", (0, 0)
+    if min(size) < MIN_SIDE:
+        return f"too small: {size[0]}x{size[1]} px (under {MIN_SIDE} px on a side)", size
+    return None, size
+
+
 def is_image_file(path: str | Path) -> bool:
     """Whether the file's extension is an image's (torchvision's list, any case)."""
     return str(path).lower().endswith(IMG_EXTENSIONS)
@@ -314,7 +348,11 @@ def eval_split(data: str, data_val: str = "") -> tuple[ImageSet | None, str]:
     that does not exist, or an unreadable file, is an error."""
     if data_val.lower() == "none":
         return None, "--data-val none"
-    queries, why = (_given_split(data_val), "") if data_val else _split_beside(data)
+    return labelled_split(*((_given_split(data_val), "") if data_val else _split_beside(data)))
+
+
+def labelled_split(queries: ImageSet | None, why: str) -> tuple[ImageSet | None, str]:
+    """An evaluation split found (or None, and why) as eval_split gives it: None when it has no labels."""
     if queries is not None and not queries.labelled:
         return None, f"no labels in the evaluation split of {queries.root}"
     return queries, why
@@ -322,29 +360,22 @@ def eval_split(data: str, data_val: str = "") -> tuple[ImageSet | None, str]:
 
 def _given_split(data_val: str) -> ImageSet:
     """The split --data-val names: a named set's test split, an ImageFolder root's val/ (else test/), a folder of
-    class folders (or images) whole, a .beton itself."""
+    class folders (or images) whole."""
     if data_val.lower() in NAMED:
         return load(data_val, "test")
     root = existing(data_val, "--data-val")
-    if root.suffix == ".beton":
-        from . import beton
-        return beton.read(root, "test")
     if detect(root) in IN_MEMORY:
         return load(data_val, "test")
     return folder_set(split_folder(root, "test") if has_splits(root) else root, str(root), "test")
 
 
 def _split_beside(data: str) -> tuple[ImageSet | None, str]:
-    """The evaluation split beside --data: a named set's test split, NAME_val.beton (else NAME_test.beton) beside
-    NAME_train.beton, the val/ (else test/) folder of an ImageFolder root or beside a train/ folder passed itself."""
+    """The evaluation split beside --data: a named set's test split, the val/ (else test/) folder of an ImageFolder
+    root or beside a train/ folder passed itself."""
     name = data.lower()
     if name in IN_MEMORY:
         return load(data, "test"), ""
     root = find_named(name) if name in NAMED else existing(data)
-    if root.suffix == ".beton":
-        from . import beton
-        path, why = beton.eval_path(root)
-        return (beton.read(path, "test") if path else None), why
     if detect(root) in IN_MEMORY:
         return load(data, "test"), ""
     base = root.parent if root.name == "train" and not has_splits(root) else root

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
@@ -167,3 +168,42 @@ def lost_peer(error: BaseException) -> UserError:
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return UserError(f"rank {rank()} lost contact with the other processes ({first[:200]}); another rank died or hung "
                      f"(see its log); the last checkpoint is intact: start the job again with --resume")
+
+
+@dataclass(frozen=True)
+class BatchSplit:
+    """The batch arithmetic of a run, in one place: the global batch (--batch-size) shared by `world` processes,
+    each process's batch in BatchNorm groups (split BN: --bn-splits groups over the global batch, as that many GPUs
+    with per-GPU BN; one group with --sync-bn, whose statistics span the global batch), and the learning rate
+    scaled by the global batch."""
+
+    global_batch: int
+    world: int = 1
+    bn_splits: int = 1
+    sync_bn: bool = False
+
+    def __post_init__(self):
+        if self.global_batch % self.world:
+            raise UserError(f"batch size {self.global_batch} is not divisible by the {self.world} processes")
+        if self.rank_batch % self.bn_groups:
+            where = f" per process ({self.world} processes share bn_splits={self.bn_splits})" if self.world > 1 else ""
+            raise UserError(f"batch size {self.rank_batch}{where} is not a multiple of bn_splits={self.bn_groups}; "
+                            f"change either (--bn-splits 1 turns split BatchNorm off)")
+
+    @property
+    def rank_batch(self) -> int:
+        return self.global_batch // self.world
+
+    @property
+    def bn_groups(self) -> int:
+        """BatchNorm groups in each process's batch (at least 1: per-process BN)."""
+        return 1 if self.sync_bn else max(1, round(self.bn_splits / self.world))
+
+    def lr(self, base_lr: float) -> float:
+        """The linear scaling rule: the base lr is per 256 images of the global batch."""
+        return base_lr * self.global_batch / 256
+
+    def describe(self) -> str:
+        if self.sync_bn:
+            return "SyncBatchNorm over the global batch"
+        return f"BN in {self.bn_groups * self.world} groups of {self.rank_batch // self.bn_groups}"

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torchvision.models import resnet
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
+from .data import is_small
 from .errors import UserError
-from .views import is_small
 
 ARCHS = {"resnet18": (BasicBlock, [2, 2, 2, 2]), "resnet34": (BasicBlock, [3, 4, 6, 3]),
          "resnet50": (Bottleneck, [3, 4, 6, 3])}

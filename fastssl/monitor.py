@@ -46,12 +46,13 @@ class KnnMonitor:
         self.size, self.device, self.precision, self.channels_last = size, device, precision, cfg.channels_last
         self.kind, self.k, self.t = cfg.pipeline, cfg.knn_k, cfg.knn_t
         self.seconds = 0.0
+        self.auto = False  # the interval is the automatic one (no --knn-every)
 
-    def describe(self, train_images: int, every: int, auto: bool) -> str:
+    def describe(self, train_images: int, every: int) -> str:
         when = f"every {every} epoch(s)" if every else "at the end"
         return (f"kNN monitor (k={self.k}, T={self.t:g}): bank {len(self.bank)} of {train_images} train images, "
                 f"{len(self.queries)} queries from {self.queries.root}, {when}"
-                f"{' (auto: ~5% of the time)' if auto and every > 1 else ''}")
+                f"{' (auto: ~5% of the time)' if self.auto and every > 1 else ''}")
 
     def _features(self, encoder: nn.Module, name: str) -> torch.Tensor:
         return extract_features(encoder, self.readers[name], self.bank.mean_std, self.device,

@@ -11,7 +11,6 @@ import dataclasses
 import json
 import math
 import os
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -20,36 +19,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import checkpoint, data, dist, methods, pipelines
-from .config import TrainConfig, explicit, resolve, resume_config, to_dict
+from . import checkpoint, dist, methods, pipelines
+from .config import TrainConfig, check, explicit, resume_config, to_dict
 from .device import autocast, pick_device, pick_precision
-from .errors import Stopped, UserError
-from .models import build_backbone, split_batchnorm
+from .errors import UserError
 from .monitor import KnnMonitor, auto_interval
 from .pipelines.common import Loader, Shard
-from .views import apply_overrides, is_small
-
-def build_method(cfg: TrainConfig, bn_groups: int = 1) -> tuple[TrainConfig, methods.base.Method]:
-    """Resolve the recipe defaults and build the method (student, teacher, heads, queue) on CPU, with its
-    BatchNorm statistics in `bn_groups` groups of each process's batch (split BN)."""
-    method_cls = methods.get(cfg.method)
-    cfg = resolve(cfg, method_cls.defaults(small=is_small(cfg.image_size)))
-    torch.manual_seed(cfg.seed)
-    method = method_cls(cfg, build_backbone(cfg.arch, cfg.image_size))
-    return cfg, split_batchnorm(method, bn_groups)
-
-
-def bn_groups(cfg: TrainConfig, world: int) -> int:
-    """Split-BN groups per process: bn_splits over the global batch, shared by the processes (1 with SyncBN)."""
-    if cfg.sync_bn:
-        return 1
-    groups = max(1, round(cfg.bn_splits / world))
-    if (cfg.batch_size // world) % groups:
-        where = f" per process ({world} processes share bn_splits={cfg.bn_splits})" if world > 1 else ""
-        raise UserError(f"batch size {cfg.batch_size // world}{where} is not a multiple of bn_splits={groups}; "
-                        f"change either (--bn-splits 1 turns split BatchNorm off)")
-    return groups
-
+from .stopping import Stops
+from .views import apply_overrides
 
 def default_workers() -> int:
     """Loader workers per process: this machine's cores shared by its processes."""
@@ -110,34 +87,6 @@ class Logger:
             self.tb.close()
 
 
-class StopSignals:
-    """SIGTERM and SIGUSR1 (a cluster's preemption notices) and Ctrl-C ask the run to stop after its current step;
-    a second Ctrl-C interrupts at once."""
-
-    NAMES = ("SIGTERM", "SIGUSR1", "SIGINT")
-
-    def __init__(self):
-        self.received: str | None = None
-        self.previous = {}
-
-    def _handle(self, signum, frame):
-        self.received = signal.Signals(signum).name
-        if signum == signal.SIGINT:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    def __enter__(self):
-        for name in self.NAMES:
-            try:
-                self.previous[name] = signal.signal(getattr(signal, name), self._handle)
-            except ValueError:  # not the main thread: the caller handles signals
-                pass
-        return self
-
-    def __exit__(self, *exc):
-        for name, handler in self.previous.items():
-            signal.signal(getattr(signal, name), handler)
-
-
 @dataclass
 class Run:
     """Everything a training run is made of, and where it stands (step, epoch, batch within the epoch)."""
@@ -146,11 +95,12 @@ class Run:
     out: Path
     device: torch.device
     precision: str
+    split: dist.BatchSplit
     method: methods.base.Method
     loader: Loader
     opt: torch.optim.Optimizer
     sched: torch.optim.lr_scheduler.LRScheduler
-    monitor: KnnMonitor | None
+    knn: KnnMonitor | None
     steps_per_epoch: int
     total_steps: int
     step: int = 0
@@ -196,48 +146,41 @@ def _resume(cfg: TrainConfig, given: dict) -> tuple[TrainConfig, dict | None, Pa
 
 def setup(cfg: TrainConfig, given: dict | None = None) -> Run:
     """Build the run: settings (resumed ones from the checkpoint), process group, data, method, loader,
-    optimiser, schedule, monitor; restore the checkpoint's state; print the banner."""
+    optimiser, schedule, kNN monitor; restore the checkpoint's state; print the banner."""
     cfg, state, resumed_from, changes = _resume(cfg, explicit(cfg) if given is None else given)
+    check(cfg)
     device = pick_device(cfg.device)
     dist.init_from_env(device, cfg.dist_timeout)
-    rank, world = dist.rank(), dist.world_size()
-    if cfg.batch_size % world:
-        raise UserError(f"batch size {cfg.batch_size} is not divisible by the {world} processes")
-    if cfg.sync_bn and cfg.compile and world > 1:
+    split = dist.BatchSplit(cfg.batch_size, dist.world_size(), cfg.bn_splits, cfg.sync_bn)
+    if cfg.sync_bn and cfg.compile and split.world > 1:
         raise UserError("--sync-bn with --compile: the BatchNorm layers' collectives would split the compiled graph at "
                         "every layer; drop one (split BN, the default, compiles whole)")
     precision = pick_precision(cfg.precision, device)
 
-    train_set = data.load(cfg.data, "train").subset(cfg.train_subset, cfg.seed)
+    train_set = pipelines.load_images(cfg.data, "train").subset(cfg.train_subset, cfg.seed)
     size, size_from = ((cfg.image_size, "as set") if cfg.image_size else
                        (train_set.native_size or 224, train_set.size_note))
-    cfg, method = build_method(dataclasses.replace(cfg, image_size=size), bn_groups(cfg, world))
+    cfg, method = methods.build(dataclasses.replace(cfg, image_size=size), split.bn_groups)
     method.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
-    if world > 1:
+    if split.world > 1:
         method.distribute(device, cfg.sync_bn)
     if cfg.compile:
         method.compile()
-    views = apply_overrides(method.views(cfg, size, *train_set.mean_std), cfg.views)
+    specs = apply_overrides(method.view_specs(method.opts, size, *train_set.mean_std), cfg.view_changes)
     workers = cfg.workers if cfg.workers is not None else default_workers()
-    loader = pipelines.build(cfg.pipeline, train_set, views, Shard(rank, world, cfg.seed, cfg.batch_size // world),
-                             device, workers=workers, channels_last=cfg.channels_last)
-
+    loader = pipelines.build(cfg.pipeline, train_set, specs, Shard(dist.rank(), split.world, cfg.seed,
+                                                                   split.rank_batch), device,
+                             workers=workers, channels_last=cfg.channels_last)
     steps_per_epoch = len(loader)
-    total_steps = cfg.epochs * steps_per_epoch
-    lr = cfg.lr * cfg.batch_size / 256
-    opt = torch.optim.SGD(method.trainable().parameters(), lr=lr, momentum=0.9, weight_decay=cfg.weight_decay)
+    total_steps, opts = cfg.epochs * steps_per_epoch, method.opts
+    opt = torch.optim.SGD(method.trainable().parameters(), lr=split.lr(opts.lr), momentum=0.9,
+                          weight_decay=opts.weight_decay)
     # A run shorter than a few warm-ups (a quick look, a test) still gets its cosine: warm-up <= a fifth of the run.
-    recipe_warmup = round(cfg.warmup_epochs * steps_per_epoch)
-    warmup_steps = min(recipe_warmup, total_steps // 5)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(warmup_steps, total_steps, cfg.final_lr_ratio))
-
-    queries, no_monitor = data.eval_split(cfg.data, cfg.data_val) if train_set.labelled else (None, "no labels")
-    monitor, auto = None, cfg.knn_every is None
-    if queries is not None:
-        monitor = KnnMonitor(cfg, train_set, queries, size, device, precision, workers)
-        cfg = dataclasses.replace(cfg, knn_every=auto_interval(len(monitor.bank) + len(monitor.queries),
-                                                               len(train_set)) if auto else cfg.knn_every)
-    run = Run(cfg, Path(cfg.out), device, precision, method, loader, opt, sched, monitor, steps_per_epoch,
+    warmups = (min(round(opts.warmup_epochs * steps_per_epoch), total_steps // 5),
+               round(opts.warmup_epochs * steps_per_epoch))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(warmups[0], total_steps, opts.final_lr_ratio))
+    cfg, knn, no_monitor = _knn_monitor(cfg, train_set, size, device, precision, workers)
+    run = Run(cfg, Path(cfg.out), device, precision, split, method, loader, opt, sched, knn, steps_per_epoch,
               total_steps)
     if state is not None:
         run.load_state(state)
@@ -245,31 +188,42 @@ def setup(cfg: TrainConfig, given: dict | None = None) -> Run:
     if run.main:
         run.out.mkdir(parents=True, exist_ok=True)
         (run.out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-        _banner(run, train_set, size_from, workers, (warmup_steps, recipe_warmup), changes, no_monitor, auto)
+        _banner(run, train_set, size_from, workers, warmups, changes, no_monitor)
     return run
 
 
+def _knn_monitor(cfg: TrainConfig, train_set, size: int, device, precision: str, workers: int):
+    """The kNN monitor of a labelled set's evaluation split (None, and why, without one), and cfg with its
+    interval (--knn-every, or the automatic one)."""
+    queries, no_monitor = pipelines.eval_split(cfg.data, cfg.data_val) if train_set.labelled else (None, "no labels")
+    if queries is None:
+        return cfg, None, no_monitor
+    knn = KnnMonitor(cfg, train_set, queries, size, device, precision, workers)
+    if cfg.knn_every is None:
+        knn.auto = True
+        cfg = dataclasses.replace(cfg, knn_every=auto_interval(len(knn.bank) + len(knn.queries), len(train_set)))
+    return cfg, knn, no_monitor
+
+
 def _banner(run: Run, train_set, size_from: str, workers: int, warmups: tuple[int, int], changes: list[str],
-            no_monitor: str, auto: bool) -> None:
+            no_monitor: str) -> None:
     """What the run is, in three lines: data, model, device and processes; the schedule; the kNN monitor."""
-    cfg, world, (warmup_steps, recipe_warmup) = run.cfg, dist.world_size(), warmups
-    capped = f" (a fifth of the run; the recipe's {cfg.warmup_epochs:g})" if warmup_steps < recipe_warmup else ""
-    groups = "SyncBatchNorm over the global batch" if cfg.sync_bn else (
-        f"BN in {bn_groups(cfg, world) * world} groups of {cfg.batch_size // world // bn_groups(cfg, world)}")
+    cfg, opts, (warmup_steps, recipe_warmup) = run.cfg, run.method.opts, warmups
+    capped = f" (a fifth of the run; the recipe's {opts.warmup_epochs:g})" if warmup_steps < recipe_warmup else ""
     loader = "" if cfg.pipeline == "tensor" else f", {workers} workers"  # the tensor pipeline has no workers
     loader += f", {run.loader.scratch_note()}" if hasattr(run.loader, "scratch_note") else ""  # FFCV's decode buffers
     print(f"fastssl: {cfg.method} | {cfg.arch} @ {cfg.image_size}px ({size_from}) | "
           f"{len(train_set)} images from {train_set.root} | pipeline {cfg.pipeline}{loader} | {run.device} "
           f"{run.precision}{' channels_last' if cfg.channels_last else ''}{' compiled' if cfg.compile else ''} | "
-          f"{world} process(es), {groups}"
-          f"{f' | views changed: {cfg.views}' if cfg.views else ''}"
+          f"{run.split.world} process(es), {run.split.describe()}"
+          f"{f' | view changes: {cfg.view_changes}' if cfg.view_changes else ''}"
           f"{f' | evaluating the encoder average (decay {cfg.encoder_ema:g})' if cfg.encoder_ema else ''}")
-    print(f"lr {cfg.lr * cfg.batch_size / 256:.4g} = {cfg.lr} x batch {cfg.batch_size} / 256 | {cfg.epochs} epochs x "
+    print(f"lr {run.split.lr(opts.lr):.4g} = {opts.lr} x batch {cfg.batch_size} / 256 | {cfg.epochs} epochs x "
           f"{run.steps_per_epoch} steps | warm-up {warmup_steps / run.steps_per_epoch:.3g} epochs{capped}, then "
-          f"{'constant' if cfg.final_lr_ratio == 1 else f'cosine to {cfg.final_lr_ratio:g} x lr'}"
+          f"{'constant' if opts.final_lr_ratio == 1 else f'cosine to {opts.final_lr_ratio:g} x lr'}"
           f"{f' | resuming at step {run.step} from {run.saved}' if run.saved else ''}"
           f"{''.join(f' | {c}' for c in changes)}")
-    print(run.monitor.describe(len(train_set), cfg.knn_every, auto) if run.monitor else
+    print(run.knn.describe(len(train_set), cfg.knn_every) if run.knn else
           f"kNN monitor off: {no_monitor.rstrip('.')}")
 
 
@@ -306,9 +260,10 @@ def save(run: Run, loss_sum: torch.Tensor) -> None:
     run.saved = run.out / checkpoint.LATEST
 
 
-def monitor(run: Run, data_bn_stats: bool = False) -> None:
+def knn_pass(run: Run, data_bn_stats: bool = False) -> None:
+    """The kNN monitor on the evaluated encoder, recorded in the run's history."""
     dist.average_batchnorm_statistics(run.method)
-    accuracy = run.monitor(run.method.evaluated_encoder(), data_bn_stats=data_bn_stats)
+    accuracy = run.knn(run.method.evaluated_encoder(), data_bn_stats=data_bn_stats)
     epoch = run.epoch + run.batch / run.steps_per_epoch
     run.history.append((epoch, accuracy))
     run.monitored_at = run.step
@@ -316,101 +271,98 @@ def monitor(run: Run, data_bn_stats: bool = False) -> None:
         tqdm.write(f"epoch {epoch:g}: kNN top-1 {accuracy:.2f}%")
 
 
-def log_window(run: Run, logger: Logger, bar: tqdm, loss_sum: torch.Tensor, window: int, seconds: float,
-               stats: dict) -> None:
-    """The loop's only host sync, every --log-every steps: the loss of the window, averaged over the ranks,
-    checked for NaN/Inf, shown and logged."""
-    mean_loss = dist.all_reduce(loss_sum, "mean").item() / window
-    if not math.isfinite(mean_loss):
-        raise _non_finite(run, f"at step {run.step} (mean loss {mean_loss} over the last {window})")
-    rate, lr = window * run.cfg.batch_size / seconds, run.sched.get_last_lr()[0]
-    # shown at the bar's next refresh: a refresh here would print a stale count
-    bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{rate:.0f}", lr=f"{lr:.3g}", refresh=False)
-    with _writing(run, run.out / "metrics.csv"):
-        logger.log(run.step, loss=mean_loss, lr=lr, images_per_s=rate, **{k: float(v) for k, v in stats.items()})
+def knn_due(run: Run) -> bool:
+    """At an epoch's end: a kNN pass every --knn-every epochs and after the last."""
+    every = run.cfg.knn_every
+    return bool(run.knn and every) and (run.epoch % every == 0 or run.epoch == run.cfg.epochs)
 
 
-def _stopped(run: Run, signal_name: str | None, unreadable: list[str]) -> Exception:
-    if unreadable:
-        return UserError(f"cannot decode image {unreadable[0]}; stopped at step {run.step} with a checkpoint; "
-                         f"remove or replace it (`fastssl check DATA` lists every bad file), or pass "
-                         f"--skip-bad-images, then run the same command with --resume")
-    return Stopped(f"stopped by {signal_name or 'another process'} at step {run.step}; checkpoint {run.saved}; "
-                   f"continue with the same command and --resume (or --auto-resume)")
+class Epochs:
+    """The run's batches from where it stands, epoch after epoch, each epoch followed by None (run.epoch has moved
+    on); a progress bar per epoch (`bar`) and the seconds spent in the epochs (`seconds`: the kNN passes at their
+    ends not counted). Closing it closes the loader: a DataLoader worker (it ignores the stop signals) left behind
+    would hang the interpreter's exit."""
+
+    def __init__(self, run: Run):
+        self.run, self.bar, self.seconds = run, None, 0.0
+
+    def __iter__(self):
+        run = self.run
+        while run.epoch < run.cfg.epochs:
+            run.method.train()
+            start = time.perf_counter()
+            try:
+                with contextlib.closing(run.loader.epoch(run.epoch, run.batch)) as batches, tqdm(
+                        batches, total=run.steps_per_epoch, initial=run.batch, disable=not run.main,
+                        desc=f"epoch {run.epoch + 1}/{run.cfg.epochs}", dynamic_ncols=True,
+                        mininterval=0.5 if sys.stderr.isatty() else 30) as self.bar:  # a log file: a line per 30 s
+                    yield from self.bar
+            finally:
+                self.seconds += time.perf_counter() - start
+            run.epoch, run.batch = run.epoch + 1, 0
+            yield None
+
+
+class LossWindow:
+    """The losses since the last log line, summed on the device (no host sync) with the time they took."""
+
+    def __init__(self, device: torch.device):
+        self.sum, self.steps, self.start = torch.zeros((), device=device), 0, time.perf_counter()
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.sum, self.steps = self.sum + loss, self.steps + 1
+
+    def log(self, run: Run, logger: Logger, bar: tqdm, stats: dict) -> None:
+        """The loop's only host sync, every --log-every steps: the window's loss averaged over the ranks, checked
+        for NaN/Inf, shown and logged; then a new window."""
+        mean_loss = dist.all_reduce(self.sum, "mean").item() / self.steps
+        if not math.isfinite(mean_loss):
+            raise _non_finite(run, f"at step {run.step} (mean loss {mean_loss} over the last {self.steps})")
+        rate, lr = self.steps * run.cfg.batch_size / (time.perf_counter() - self.start), run.sched.get_last_lr()[0]
+        # shown at the bar's next refresh: a refresh here would print a stale count
+        bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{rate:.0f}", lr=f"{lr:.3g}", refresh=False)
+        with _writing(run, run.out / "metrics.csv"):
+            logger.log(run.step, loss=mean_loss, lr=lr, images_per_s=rate, **{k: float(v) for k, v in stats.items()})
+        self.__init__(self.sum.device)
 
 
 def loop(run: Run) -> dict:
-    """Train to the end of the last epoch (or --max-steps); returns the run's summary. Every rank agrees, step by
-    step, whether to stop (a signal, an unreadable image) or checkpoint (--checkpoint-minutes) before the step."""
-    cfg, main = run.cfg, run.main
-    amp = autocast(run.precision, run.device)
-    logger = Logger(run.out, main, run.step)
-    vote, last_save, unreadable = dist.Vote(), time.monotonic(), []
-    if run.monitor and cfg.knn_every and not run.history:
-        monitor(run, data_bn_stats=True)  # the random-init reference point of the curve (BN statistics of the data)
-    step_start, train_seconds, stopped = run.step, 0.0, False
-    with StopSignals() as signals:
-        while run.epoch < cfg.epochs and not stopped:
-            run.method.train()
-            # closed on any exit, an exception included: a DataLoader worker (it ignores the stop signals) left
-            # behind would hang the interpreter's exit
-            with contextlib.closing(run.loader.epoch(run.epoch, run.batch)) as batches:
-                bar = tqdm(batches, total=run.steps_per_epoch, initial=run.batch,
-                           desc=f"epoch {run.epoch + 1}/{cfg.epochs}", disable=not main, dynamic_ncols=True,
-                           mininterval=0.5 if sys.stderr.isatty() else 30)  # a log file gets a line per 30 s
-                epoch_start = window_start = time.perf_counter()
-                loss_sum, window = torch.zeros((), device=run.device), 0
-                for views in bar:
-                    bad = views.pop("bad_files", [])
-                    unreadable += [] if cfg.skip_bad_images else bad
-                    stopped, due = vote(signals.received or unreadable,
-                                        main and time.monotonic() - last_save > 60 * cfg.checkpoint_minutes > 0)
-                    if stopped or due:
-                        save(run, loss_sum)
-                        last_save = time.monotonic()
-                    if stopped:
-                        break
-                    run.bad_files += bad  # replaced by other images (a stand-in also under torchrun, for one step)
-                    loss, stats = train_step(run.method, views, run.opt, amp, run.step / run.total_steps)
-                    run.sched.step()
-                    run.step, run.batch, window, loss_sum = run.step + 1, run.batch + 1, window + 1, loss_sum + loss
-                    if run.step % cfg.log_every == 0:
-                        log_window(run, logger, bar, loss_sum, window, time.perf_counter() - window_start, stats)
-                        window_start, loss_sum, window = time.perf_counter(), torch.zeros_like(loss_sum), 0
-                    if cfg.checkpoint_every and run.step % cfg.checkpoint_every == 0:
-                        save(run, loss_sum)
-                        last_save = time.monotonic()
-                    if cfg.max_steps and run.step >= cfg.max_steps:
-                        break
-                bar.close()
-            train_seconds += time.perf_counter() - epoch_start
-            if stopped:
+    """Train to the end of the last epoch (or --max-steps) and return the run's summary: batch -> step -> schedule
+    -> log, with a checkpoint or a stop where `Stops` says (the same on every rank)."""
+    cfg, amp, first_step = run.cfg, autocast(run.precision, run.device), run.step
+    logger, losses, epochs = Logger(run.out, run.main, run.step), LossWindow(run.device), Epochs(run)
+    if run.knn and cfg.knn_every and not run.history:
+        knn_pass(run, data_bn_stats=True)  # the random-init reference point of the curve (BN statistics of the data)
+    with Stops(cfg, run.main, run.step) as stops, contextlib.closing(iter(epochs)) as batches:
+        for views in batches:  # None at each epoch's end
+            checkpoint_now, stop = stops.before(run, views)
+            if checkpoint_now:
+                save(run, losses.sum)
+            if stop:
                 break
-            if cfg.max_steps and run.step >= cfg.max_steps and run.batch < run.steps_per_epoch:  # mid-epoch
-                save(run, loss_sum)
-                break
-            run.epoch, run.batch = run.epoch + 1, 0
-            save(run, loss_sum)
-            last_save = time.monotonic()
-            if run.monitor and cfg.knn_every and (run.epoch % cfg.knn_every == 0 or run.epoch == cfg.epochs):
-                monitor(run)
-            if cfg.max_steps and run.step >= cfg.max_steps:
-                break
-        vote.close()
+            if views is None:
+                knn_pass(run) if knn_due(run) else None
+                continue
+            loss, stats = train_step(run.method, views, run.opt, amp, run.step / run.total_steps)
+            run.sched.step()
+            run.step, run.batch = run.step + 1, run.batch + 1
+            losses.add(loss)
+            if run.step % cfg.log_every == 0:
+                losses.log(run, logger, epochs.bar, stats)
     logger.close()
-    if stopped:
-        raise _stopped(run, signals.received, unreadable)
-    return finish(run, (run.step - step_start) * cfg.batch_size / max(train_seconds, 1e-9), train_seconds)
+    if stops.stopped:
+        raise stops.error(run.step, run.saved)
+    return finish(run, (run.step - first_step) * cfg.batch_size / max(epochs.seconds, 1e-9), epochs.seconds)
 
 
 def finish(run: Run, images_per_s: float, train_seconds: float) -> dict:
     """The last kNN pass, the exported backbone, the curve and the summary."""
-    if run.monitor and run.monitored_at != run.step:
-        monitor(run)
+    if run.knn and run.monitored_at != run.step:
+        knn_pass(run)
     bad_files = sorted({f for files in dist.all_gather_objects(run.bad_files) for f in files})
     summary = {"steps": run.step, "epochs": run.epoch, "images_per_s": images_per_s, "precision": run.precision,
                "processes": dist.world_size(), "knn_history": run.history, "train_seconds": train_seconds,
-               "monitor_seconds": run.monitor.seconds if run.monitor else 0.0, "bad_images": len(bad_files)}
+               "monitor_seconds": run.knn.seconds if run.knn else 0.0, "bad_images": len(bad_files)}
     if run.history:
         summary["knn_top1"] = run.history[-1][1]
     if run.main:

@@ -13,17 +13,8 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
+from .data import IMAGENET_MEAN, IMAGENET_STD, is_small
 from .errors import UserError
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-SMALL_IMAGE_MAX = 64
-
-
-def is_small(size: int) -> bool:
-    """Images up to 64 px get the CIFAR recipes: no blur, the 3x3 stride-1 stem without max-pool, the methods'
-    small-image defaults. The one place that decides it."""
-    return size <= SMALL_IMAGE_MAX
 
 
 @dataclass(frozen=True)
@@ -138,5 +129,6 @@ def normalize(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...], 
     """The last step of every view and every evaluation batch: uint8 [B,3,H,W] (0..255) or float in [0, 1] ->
     float (x - mean) / std, in the trainer's memory layout."""
     scale = 255.0 if x.dtype == torch.uint8 else 1.0
-    x = (x.float() - constant(mean, x.device, scale).view(1, 3, 1, 1)).div_(constant(std, x.device, scale).view(1, 3, 1, 1))
+    x = (x.float() - constant(mean, x.device, scale).view(1, 3, 1, 1)).div_(
+        constant(std, x.device, scale).view(1, 3, 1, 1))
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()

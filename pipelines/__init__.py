@@ -1,5 +1,6 @@
 """Pipelines turn a data set and a method's view specs into batches of views on the training device, and read
-data sets for evaluation with the same family of decoders.
+data sets for evaluation with the same family of decoders. `load_images` and `eval_split` are where the trainer
+reads its data sets: FFCV .beton files here (beton.py), everything else by fastssl.data.
 
 A pipeline knows ViewSpecs and devices, never methods.
 """
@@ -10,14 +11,38 @@ from typing import Iterable
 
 import torch
 
-from fastssl.beton import BetonSet
+from fastssl import data as datasets
 from fastssl.data import ImageSet
 from fastssl.errors import UserError
 from fastssl.views import ViewSpec
 
+from . import beton
+from .beton import BetonSet, is_beton
 from .common import Loader, Shard
 
 KINDS = ("torch", "tensor", "dali", "ffcv", "nvjpeg")
+
+
+def load_images(data: str, split: str = "train") -> ImageSet:
+    """Split train or test of `data`: what fastssl.data.load reads, or NAME_train.beton, whose test split is the
+    NAME_val.beton (else NAME_test.beton) beside it."""
+    if not is_beton(data):
+        return datasets.load(data, split)
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be train or test, got {split!r}")
+    return beton.load(datasets.existing(data), split)
+
+
+def eval_split(data: str, data_val: str = "") -> tuple[ImageSet | None, str]:
+    """The labelled split that the kNN monitor and `fastssl eval` query, as fastssl.data.eval_split finds it, and
+    the .beton ones: the .beton --data-val names, else the NAME_val.beton (else NAME_test.beton) beside a
+    NAME_train.beton --data."""
+    if data_val and is_beton(data_val):
+        return datasets.labelled_split(beton.read(datasets.existing(data_val, "--data-val"), "test"), "")
+    if not data_val and is_beton(data):
+        path, why = beton.eval_path(datasets.existing(data))
+        return datasets.labelled_split(beton.read(path, "test") if path else None, why)
+    return datasets.eval_split(data, data_val)
 
 
 def check(kind: str, images: ImageSet) -> None:
@@ -31,7 +56,7 @@ def check(kind: str, images: ImageSet) -> None:
         raise UserError(f"{images.root} is an FFCV .beton: train on it with --pipeline ffcv")
 
 
-def build(kind: str, images: ImageSet, views: dict[str, ViewSpec], shard: Shard, device: torch.device, *,
+def build(kind: str, images: ImageSet, specs: dict[str, ViewSpec], shard: Shard, device: torch.device, *,
           workers: int = 2, channels_last: bool = True) -> Loader:
     check(kind, images)
     if len(images) < shard.global_batch:
@@ -47,12 +72,12 @@ def build(kind: str, images: ImageSet, views: dict[str, ViewSpec], shard: Shard,
         from .nvjpeg_loader import NvjpegLoader as Pipeline
     else:
         from .torch_loader import TorchLoader as Pipeline
-    return Pipeline(images, views, shard, device, workers=workers, channels_last=channels_last)
+    return Pipeline(images, specs, shard, device, workers=workers, channels_last=channels_last)
 
 
 def eval_reader(kind: str, images: ImageSet, size: int, *, batch_size: int, workers: int) -> Iterable[torch.Tensor]:
     """Every image of `images`, in order, as uint8 [B,3,size,size] batches (the evaluation view: the centre crop of
-    224/256 of the shorter side, resized; small images whole), decoded by the pipeline's own family: slices of
+    common.EVAL_CROP of the shorter side, resized; small images whole), decoded by the pipeline's own family: slices of
     the tensor for sets held in memory, FFCV for a .beton, DALI's decoder under --pipeline dali, torchvision's
     nvJPEG under --pipeline nvjpeg, else PIL in DataLoader workers. Iterable again at every evaluation."""
     if images.in_memory:

@@ -2,7 +2,7 @@
 
 The contract: `len(loader)` batches an epoch on every rank; `loader.epoch(e, start_batch)` yields them from
 `start_batch` on as {role: float [B,3,H,W] normalised on the device, "label": int64 [B]}. An epoch is a
-permutation of the set cut into global batches of `world x batch` samples; rank r takes the r-th slice of
+permutation of the set cut into global batches of `world x rank_batch` samples; rank r takes the r-th slice of
 each. So one process at the global batch sees, at every step, the concatenation of what W processes see, and
 a step is the same step whatever the process count (a run resumes with another one). Augmentations draw
 their randomness from (seed, epoch, sample index), never from a batch or a rank.
@@ -22,16 +22,17 @@ from fastssl.views import ViewSpec
 
 @dataclass(frozen=True)
 class Shard:
-    """This process's share of the data: its rank among `world`, the run's seed, its batch (per rank)."""
+    """This process's share of the data: its rank among `world`, the run's seed, its batch (per rank; the trainer's
+    --batch-size is the global batch)."""
 
     rank: int = 0
     world: int = 1
     seed: int = 0
-    batch: int = 1
+    rank_batch: int = 1
 
     @property
     def global_batch(self) -> int:
-        return self.batch * self.world
+        return self.rank_batch * self.world
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -44,12 +45,25 @@ def epoch_indices(n: int, shard: Shard, epoch: int) -> torch.Tensor:
     into whole global batches, of which this rank takes slice `rank` of each."""
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(sample_seed(shard.seed, epoch, -1)))
     steps = n // shard.global_batch
-    return perm[:steps * shard.global_batch].view(steps, shard.world, shard.batch)[:, shard.rank].reshape(-1)
+    return perm[:steps * shard.global_batch].view(steps, shard.world, shard.rank_batch)[:, shard.rank].reshape(-1)
+
+
+# The evaluation view of an image file: its shorter side resized to eval_resize(size), then the centre size x size,
+# i.e. the centre EVAL_CROP of the shorter side (sets held in memory and .beton files of small images: whole).
+EVAL_CROP = 224 / 256
+
+
+def eval_resize(size: int) -> int:
+    """The side the shorter side of an image is resized to, before the centre crop of the evaluation view."""
+    return round(size / EVAL_CROP)
 
 
 # ---- counter-based randomness: the draws of a sample are a function of its key alone ----
 
-_GOLDEN = 0x9E3779B97F4A7C15
+# splitmix64: a counter advanced by GOLDEN, each value through the finaliser (x ^= x >> 30, x *= MIX1,
+# x ^= x >> 27, x *= MIX2, x ^= x >> 31): _mix here on int64 tensors, ffcv_loader's row seeds on numba's uint64.
+GOLDEN = 0x9E3779B97F4A7C15
+MIX1, MIX2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
 
 
 def _signed(v: int) -> int:
@@ -65,8 +79,8 @@ def _shr(x: torch.Tensor, bits: int) -> torch.Tensor:
 
 def _mix(x: torch.Tensor) -> torch.Tensor:
     """splitmix64's finaliser on int64 tensors (multiplication wraps around, as the algorithm wants)."""
-    x = (x ^ _shr(x, 30)) * _signed(0xBF58476D1CE4E5B9)
-    x = (x ^ _shr(x, 27)) * _signed(0x94D049BB133111EB)
+    x = (x ^ _shr(x, 30)) * _signed(MIX1)
+    x = (x ^ _shr(x, 27)) * _signed(MIX2)
     return x ^ _shr(x, 31)
 
 
@@ -79,8 +93,8 @@ class SampleRandom:
     """
 
     def __init__(self, seed: int, epoch: int, indices: torch.Tensor):
-        base = _signed(sample_seed(seed, epoch, 0) * _GOLDEN)
-        self.keys = _mix(indices.to(torch.int64) * _signed(_GOLDEN) + base)
+        base = _signed(sample_seed(seed, epoch, 0) * GOLDEN)
+        self.keys = _mix(indices.to(torch.int64) * _signed(GOLDEN) + base)
         self.draws = 0
 
     def __len__(self) -> int:
@@ -94,28 +108,28 @@ class SampleRandom:
         """float [n, k] in [0, 1): the next k draws of each sample."""
         counter = self.draws * 64 + torch.arange(1, k + 1, device=self.device)
         self.draws += 1
-        bits = _mix(self.keys[:, None] + counter * _signed(_GOLDEN))
+        bits = _mix(self.keys[:, None] + counter * _signed(GOLDEN))
         return _shr(bits, 40).float() * 2.0**-24  # the top 24 bits: exact in fp32
 
 
 class Loader:
     """The contract's bookkeeping; a pipeline implements `epoch`."""
 
-    def __init__(self, images: ImageSet, views: dict[str, ViewSpec], shard: Shard, device: torch.device,
+    def __init__(self, images: ImageSet, specs: dict[str, ViewSpec], shard: Shard, device: torch.device,
                  channels_last: bool = True):
-        self.images, self.views, self.shard, self.device = images, views, shard, device
+        self.images, self.specs, self.shard, self.device = images, specs, shard, device
         self.channels_last = channels_last
 
     @property
-    def batch_size(self) -> int:
-        return self.shard.batch
+    def rank_batch(self) -> int:
+        return self.shard.rank_batch
 
     def __len__(self) -> int:
         return len(self.images) // self.shard.global_batch
 
     def indices(self, epoch: int, start_batch: int = 0) -> torch.Tensor:
-        """This rank's sample indices of the epoch from `start_batch` on, [batches, batch]."""
-        return epoch_indices(len(self.images), self.shard, epoch).view(-1, self.shard.batch)[start_batch:]
+        """This rank's sample indices of the epoch from `start_batch` on, [batches, rank_batch]."""
+        return epoch_indices(len(self.images), self.shard, epoch).view(-1, self.rank_batch)[start_batch:]
 
     def random(self, epoch: int, indices: torch.Tensor) -> SampleRandom:
         return SampleRandom(self.shard.seed, epoch, indices)

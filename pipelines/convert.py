@@ -3,11 +3,12 @@
 
 SRC is a named set (fashion-mnist, cifar10, cifar100, imagenet), a folder holding one, an ImageFolder root with
 train/ and val/, a folder of class folders, or a folder of images (unlabelled: stored with label -1). Image files
-are checked first, in worker processes, by `check_image`, the rule both commands share: empty, unreadable
-(corrupt, not an image at all), truncated, not convertible to RGB, or smaller than 8 px on a side. Bad files are
-left out, and so are files without an image extension; both are counted and listed in the summary and in
-FILE.beton.json, which also records the source, kind, classes and side that `fastssl.data.load` reads back. CMYK,
-grayscale, palette and alpha images are stored as RGB (alpha dropped, as torchvision's RGB decoding does).
+are checked first, in worker processes, by `fastssl.data.check_image`, the rule both commands share: empty,
+unreadable (corrupt, not an image at all), truncated, not convertible to RGB, or smaller than 8 px on a side. Bad
+files are left out, and so are files without an image extension; both are counted and listed in the summary and in
+FILE.beton.json, which also records the source, kind, classes and side that `fastssl.pipelines.load_images` reads
+back. CMYK, grayscale, palette and alpha images are stored as RGB (alpha dropped, as torchvision's RGB decoding
+does).
 """
 
 from __future__ import annotations
@@ -19,46 +20,18 @@ from dataclasses import dataclass
 from multiprocessing import Pool
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from fastssl import data
-from fastssl.beton import check_options, info_path, write_beton
-from fastssl.data import ImageSet
+from fastssl.data import ImageSet, check_image
 from fastssl.errors import UserError
-from fastssl.views import SMALL_IMAGE_MAX
 
-MIN_SIDE = 8  # smaller images (tracking pixels, icons, thumbnails gone wrong) hold nothing a crop can learn from
+from .beton import check_options, info_path, is_beton, write_beton
+
 LISTED = 10  # bad and skipped files printed in convert's summary; the JSON lists them all
 NOT_IMAGE = "not an image: no image extension"
-PROBLEMS = ("unreadable", "truncated", "empty", "not RGB", "too small", "not an image")  # how a why starts
-
-
-def check_image(path: str) -> tuple[str | None, tuple[int, int]]:
-    """(why the image cannot be used, or None; its (width, height)). A why starts with one of PROBLEMS and ':'.
-
-    JPEGs are decoded at 1/8 scale (draft), up to three times faster, which still reads every coefficient: a
-    file cut short anywhere, even by its last two bytes, fails as truncated (tests/test_convert.py checks it)."""
-    try:
-        if os.path.getsize(path) == 0:
-            return "empty: 0 bytes", (0, 0)
-        with Image.open(path) as im:
-            size = im.size
-            if im.format == "JPEG":
-                im.draft(None, (max(1, im.width // 8), max(1, im.height // 8)))
-            im.load()
-            try:
-                im.convert("RGB")
-            except ValueError as e:
-                return f"not RGB: {e}", size
-    except UnidentifiedImageError:
-        return "unreadable: PIL cannot identify it as an image", (0, 0)
-    except Exception as e:  # PIL raises many types for bad files (OSError, SyntaxError, ValueError, ...)
-        kind = "truncated" if "truncated" in str(e).lower() else "unreadable"
-        return f"{kind}: {type(e).__name__}: {' '.join(str(e).split())}", (0, 0)
-    if min(size) < MIN_SIDE:
-        return f"too small: {size[0]}x{size[1]} px (under {MIN_SIDE} px on a side)", size
-    return None, size
+# how a why starts: check_image's problems, then a file without an image extension
+PROBLEMS = ("unreadable", "truncated", "empty", "not RGB", "too small", "not an image")
 
 
 def _check_all(files: list[str], workers: int) -> list[tuple[str | None, tuple[int, int]]]:
@@ -98,7 +71,7 @@ def source(src: str, split: str) -> tuple[ImageSet, Path | None]:
     data_split = "train" if split == "train" else "test"
     name = src.lower()
     root = data.find_named(name) if name == "imagenet" else Path(src).expanduser()
-    if root.suffix == ".beton":
+    if is_beton(root):
         raise UserError(f"{src} is already an FFCV .beton; convert the folder or named set it was written from")
     if name in data.IN_MEMORY or not root.is_dir() or data.detect(root) != "imagefolder":
         return data.load(src, data_split), None
@@ -131,7 +104,7 @@ def convert(src: str, out: str | Path | None = None, *, to: str = "ffcv", split:
         sizes = [checks[i][1] for i in keep]
         largest = max(w * h for w, h in sizes)
         longest = max(max(size) for size in sizes)
-        side = longest if longest <= SMALL_IMAGE_MAX else None
+        side = longest if data.is_small(longest) else None
     skipped = []
     if folder:  # what the listing passed over: files without an image extension where the images are
         where = [folder / c for c in images.classes] if images.classes else [folder]

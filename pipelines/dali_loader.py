@@ -25,11 +25,11 @@ first) and the resampling and grey weights differ slightly. Images are decoded a
 as PIL reads them. Rates, ranges and crop boxes are the spec's, drawn as the other pipelines draw them.
 
 DALI fails a whole batch when a file cannot be decoded, while it holds the batches after it too. The loader then
-finds the unreadable files (convert.check_image) of every batch DALI held, gives each such slot the next readable
-sample of the set (the slot's own draws, that image and label), reruns those batches on a new pipeline and reports
-the files in their own batch's "bad_files"; the trainer decides whether to go on. Files whose header PIL cannot read
-are found, and replaced, before DALI sees them. A failure with no unreadable file in those batches is a one-line
-UserError.
+finds the unreadable files (fastssl.data.check_image) of every batch DALI held, gives each such slot the next
+readable sample of the set (the slot's own draws, that image and label), reruns those batches on a new pipeline and
+reports the files in their own batch's "bad_files"; the trainer decides whether to go on. Files whose header PIL
+cannot read are found, and replaced, before DALI sees them. A failure with no unreadable file in those batches is a
+one-line UserError.
 """
 
 from __future__ import annotations
@@ -45,12 +45,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fastssl.data import ImageSet
+from fastssl.data import ImageSet, check_image
 from fastssl.errors import UserError
 from fastssl.extras import optional
 from fastssl.views import ViewSpec
 
-from .common import Loader, Shard
+from .common import Loader, Shard, eval_resize
 from .device_augment import sample_params
 
 optional("nvidia.dali", "dali")  # a one-line error naming the extra when DALI is missing
@@ -122,16 +122,16 @@ def _view(images, spec: ViewSpec, a: dict, gpu: bool, channels_last: bool):
                                     mirror=a["mirror"])
 
 
-def views_graph(views: list[ViewSpec], gpu: bool, channels_last: bool, files: bool, feed):
+def views_graph(specs: list[ViewSpec], gpu: bool, channels_last: bool, files: bool, feed):
     """Outputs: one float view per spec, then the labels. `feed()` gives the encoded files (`files`) or the uint8
     HWC images, the labels, then each view's view_inputs."""
-    names = [view_inputs(spec) for spec in views]
+    names = [view_inputs(spec) for spec in specs]
     n = sum(map(len, names))
     images, label, *inputs = fn.external_source(source=feed, num_outputs=2 + n, batch=True,
                                                 layout=["" if files else "HWC"] + [""] * (1 + n))
     images = _decode(images, gpu) if files else images.gpu() if gpu else images
     out = []
-    for spec, keys in zip(views, names):
+    for spec, keys in zip(specs, names):
         out.append(_view(images, spec, dict(zip(keys, inputs)), gpu, channels_last))
         inputs = inputs[len(keys):]
     return (*out, label)
@@ -274,14 +274,14 @@ class FedPipeline:
 
 
 class DaliLoader(Loader):
-    def __init__(self, images: ImageSet, views: dict[str, ViewSpec], shard: Shard, device: torch.device, *,
+    def __init__(self, images: ImageSet, specs: dict[str, ViewSpec], shard: Shard, device: torch.device, *,
                  workers: int = 2, channels_last: bool = True):
-        super().__init__(images, views, shard, device, channels_last)
+        super().__init__(images, specs, shard, device, channels_last)
         self.pool = None if images.in_memory else ThreadPoolExecutor(max(1, workers))  # file reads release the GIL
         self.bad: set[int] = set()  # samples known to be unreadable (the feeder thread adds those it finds)
-        build = partial(views_pipeline, list(views.values()), device.type == "cuda", channels_last,
-                        not images.in_memory, batch_size=self.batch_size, **_dali_options(device, workers))
-        self.pipeline = FedPipeline(build, [*views, "label"])
+        build = partial(views_pipeline, list(specs.values()), device.type == "cuda", channels_last,
+                        not images.in_memory, batch_size=self.rank_batch, **_dali_options(device, workers))
+        self.pipeline = FedPipeline(build, [*specs, "label"])
 
     def _feed(self, epoch: int, idx: torch.Tensor) -> list:
         """The batch of samples idx as views_graph takes it (on the feeder thread)."""
@@ -299,15 +299,13 @@ class DaliLoader(Loader):
             self.bad |= unreadable
         rnd = self.random(epoch, idx)  # keyed by the slot: a replaced sample keeps its draws
         out = [list(pixels) if not self.images.in_memory else pixels, self.images.labels[fed].numpy()]
-        for spec in self.views.values():
+        for spec in self.specs.values():
             out += inputs_of(spec, sample_params(sizes[:, 0], sizes[:, 1], spec, rnd))
         return out
 
     def _find_bad(self, batches: list[torch.Tensor], error: RuntimeError) -> None:
         """The unreadable files of the batches DALI held when it failed, added to self.bad; UserError when there are
         none."""
-        from .convert import check_image
-
         def unreadable(i: int) -> bool:  # too small for convert, but DALI decodes it
             why = check_image(self.images.files[i])[0]
             return why is not None and not why.startswith("too small")
@@ -336,7 +334,7 @@ class DaliLoader(Loader):
     def _output(self, batch: dict[str, torch.Tensor], idx: torch.Tensor) -> dict:
         """DALI's batch of the samples idx as the contract gives it."""
         # HWC memory read as NCHW is channels_last; CHW output is already contiguous NCHW
-        out = {role: batch[role].permute(0, 3, 1, 2) if self.channels_last else batch[role] for role in self.views}
+        out = {role: batch[role].permute(0, 3, 1, 2) if self.channels_last else batch[role] for role in self.specs}
         out["label"] = batch["label"].view(-1).to(self.device, non_blocking=True)
         bad = [self.images.files[i] for i in idx.tolist() if i in self.bad]
         if bad:
@@ -346,8 +344,8 @@ class DaliLoader(Loader):
 
 class EvalReader:
     """Every image of an image folder, in order, as uint8 [B,3,size,size] batches (the last one may be partial):
-    torch_loader's evaluation view (the shorter side resized to size*256/224, the centre size x size, with
-    torchvision's rounding of both), decoded by DALI. Iterable again at every evaluation, on one pipeline."""
+    torch_loader's evaluation view (the shorter side resized to common.eval_resize(size), the centre size x size,
+    with torchvision's rounding of both), decoded by DALI. Iterable again at every evaluation, on one pipeline."""
 
     def __init__(self, images: ImageSet, size: int, batch_size: int, workers: int):
         self.images, self.size, self.batch_size = images, size, batch_size
@@ -360,7 +358,7 @@ class EvalReader:
 
     def _feed(self, files: list[str]) -> list:
         encoded, sizes = zip(*self.pool.map(_read, files))
-        side, resized, corners = round(self.size * 256 / 224), [], []
+        side, resized, corners = eval_resize(self.size), [], []
         for path, size in zip(files, sizes):
             if size is None:
                 raise UserError(f"cannot read image {path}; `fastssl check {self.images.root}` lists the unreadable "

@@ -5,10 +5,10 @@ decoding is most of the cost. `ViewsDecoder` decodes each image once (JPEG or ra
 writes every view's random resized crop, mirrored with the spec's probability, into one uint8 row per
 sample: [B, sum of size*size*3]. Measured on 2 CPU cores (512 ImageNet-like JPEGs, two 224 px crops and
 flips, nothing else): 386 images/s, against 249 with FFCV's decoder once per view and 90 decoding once at
-256 px then cropping with device_augment.resized_crop (which is for GPUs). On the training device (after ToDevice on CUDA; the same code on CPU
-tensors) the row splits into uint8 views (NCHW over NHWC memory: channels_last), and each view's
-photometric ops (jitter, grayscale, blur, solarize) run batched with per-sample parameters
-(device_augment, the code of --pipeline tensor), then the normalisation.
+256 px then cropping with device_augment.resized_crop (which is for GPUs). On the training device (after
+ToDevice on CUDA; the same code on CPU tensors) the row splits into uint8 views (NCHW over NHWC memory:
+channels_last), and each view's photometric ops (jitter, grayscale, blur, solarize) run batched with per-sample
+parameters (device_augment, the code of --pipeline tensor), then the normalisation.
 
 Seeding: the crops and flips of a sample are drawn from numba's generator seeded per (run seed, epoch, row),
 so they do not depend on which FFCV thread decodes it; the photometric parameters are keyed by (seed, epoch,
@@ -25,13 +25,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastssl.beton import BetonSet, read_info
 from fastssl.errors import UserError
 from fastssl.extras import optional, torch_threads_kept
 from fastssl.views import ViewSpec, normalize
 
+from .beton import BetonSet, read_info
+from .common import EVAL_CROP, GOLDEN, MIX1, MIX2, Shard, sample_seed
 from .common import Loader as LoaderBase
-from .common import Shard, sample_seed
 from .device_augment import photometric, sample_params, to_unit
 
 optional("ffcv", "ffcv")  # a one-line error naming the extra when FFCV is missing; torch's threads kept
@@ -60,10 +60,11 @@ def _load_uint64(typingctx, address):
 
 
 def _row_seed(epoch_seed, row):
-    """A 32-bit seed per (epoch seed, row), as numba's np.random.seed takes: splitmix64's mixing."""
-    z = epoch_seed + np.uint64(row) * np.uint64(0x9E3779B97F4A7C15)
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    """A 32-bit seed per (epoch seed, row), as numba's np.random.seed takes: the top half of common's splitmix64,
+    in numba's uint64."""
+    z = epoch_seed + np.uint64(row) * np.uint64(GOLDEN)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(MIX1)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(MIX2)
     return np.uint32((z ^ (z >> np.uint64(31))) >> np.uint64(32))
 
 
@@ -79,10 +80,10 @@ def _mirror(image):
 class ViewsDecoder(Operation):
     """Decodes each image once; every view's random resized crop (+ flip) goes into one uint8 row per sample."""
 
-    def __init__(self, views: list[ViewSpec], epoch_seed: np.ndarray):
+    def __init__(self, specs: list[ViewSpec], epoch_seed: np.ndarray):
         super().__init__()
-        self.views, self.epoch_seed = views, epoch_seed  # epoch_seed: uint64 [1], read at every batch
-        self.offsets = np.cumsum([0] + [3 * v.size * v.size for v in views])
+        self.specs, self.epoch_seed = specs, epoch_seed  # epoch_seed: uint64 [1], read at every batch
+        self.offsets = np.cumsum([0] + [3 * v.size * v.size for v in specs])
 
     def largest_image(self) -> tuple[int, int]:
         """(height, width) of the stored image with the most pixels, which sizes each sample's decode scratch: a
@@ -102,11 +103,11 @@ class ViewsDecoder(Operation):
         mem_read, my_range, jpg = self.memory_read, Compiler.get_iterator(), IMAGE_MODES["jpg"]
         imdecode_c, resize_crop_c = Compiler.compile(imdecode), Compiler.compile(resize_crop)
         random_crop, row_seed, mirror = (Compiler.compile(f) for f in (get_random_crop, _row_seed, _mirror))
-        sides = np.array([v.size for v in self.views], dtype=np.int64)
+        sides = np.array([v.size for v in self.specs], dtype=np.int64)
         offsets = self.offsets.astype(np.int64)
-        scales = np.array([v.crop_scale for v in self.views], dtype=np.float64)
-        ratios = np.array([v.crop_ratio for v in self.views], dtype=np.float64)
-        flip_p = np.array([v.flip_p for v in self.views], dtype=np.float64)
+        scales = np.array([v.crop_scale for v in self.specs], dtype=np.float64)
+        ratios = np.array([v.crop_ratio for v in self.specs], dtype=np.float64)
+        flip_p = np.array([v.flip_p for v in self.specs], dtype=np.float64)
         address = np.uint64(self.epoch_seed.ctypes.data)
 
         def decode(batch_indices, storage, metadata, storage_state):
@@ -165,23 +166,24 @@ def _to_device(device: torch.device) -> list:
 
 
 class FFCVLoader(LoaderBase):
-    def __init__(self, images: BetonSet, views: dict[str, ViewSpec], shard: Shard, device: torch.device, *,
+    def __init__(self, images: BetonSet, specs: dict[str, ViewSpec], shard: Shard, device: torch.device, *,
                  workers: int = 2, channels_last: bool = True):
         _check_bounded(images)
-        super().__init__(images, views, shard, device, channels_last)
+        super().__init__(images, specs, shard, device, channels_last)
         self.epoch_seed = np.zeros(1, dtype=np.uint64)
         self.order = _EpochOrder()
-        decoder = ViewsDecoder(list(views.values()), self.epoch_seed)
+        decoder = ViewsDecoder(list(specs.values()), self.epoch_seed)
         with torch_threads_kept():
-            self.loader = Loader(images.root, batch_size=shard.batch, num_workers=max(1, workers), drop_last=True,
-                                 order=OrderOption.SEQUENTIAL, indices=images.rows.numpy(), batches_ahead=BATCHES_AHEAD,
+            self.loader = Loader(images.root, batch_size=shard.rank_batch, num_workers=max(1, workers),
+                                 drop_last=True, order=OrderOption.SEQUENTIAL, indices=images.rows.numpy(),
+                                 batches_ahead=BATCHES_AHEAD,
                                  pipelines={"image": PipelineSpec("image", decoder, [ToTensor(), *_to_device(device)]),
                                             "label": [IntDecoder(), ToTensor(), *_to_device(device)]})
         self.loader.traversal_order = self.order
-        sides = [spec.size for spec in views.values()]
-        self.slices = dict(zip(views, zip(decoder.offsets[:-1].tolist(), decoder.offsets[1:].tolist(), sides)))
+        sides = [spec.size for spec in specs.values()]
+        self.slices = dict(zip(specs, zip(decoder.offsets[:-1].tolist(), decoder.offsets[1:].tolist(), sides)))
         # the decode scratch FFCV allocates for an epoch: [batches in flight, batch, largest image's pixels x 3]
-        self.scratch_shape = (BATCHES_IN_FLIGHT, shard.batch, *decoder.largest_image(), 3)
+        self.scratch_shape = (BATCHES_IN_FLIGHT, shard.rank_batch, *decoder.largest_image(), 3)
         self.scratch_bytes = math.prod(self.scratch_shape)
 
     def scratch_note(self) -> str:
@@ -201,7 +203,7 @@ class FFCVLoader(LoaderBase):
             for idx, (packed, labels) in zip(order.to(self.device), batches):
                 rnd = self.random(epoch, idx)
                 out = {}
-                for role, spec in self.views.items():
+                for role, spec in self.specs.items():
                     start, end, side = self.slices[role]
                     x = packed[:, start:end].view(-1, side, side, 3).permute(0, 3, 1, 2)  # uint8, channels_last
                     x = photometric(x, spec, sample_params(side, side, spec, rnd)) if spec.is_photometric \
@@ -214,13 +216,13 @@ class FFCVLoader(LoaderBase):
 
 
 class EvalReader:
-    """uint8 [B,3,size,size] batches of every image of a .beton split, in order: the centre crop of 224/256 of
+    """uint8 [B,3,size,size] batches of every image of a .beton split, in order: the centre crop of EVAL_CROP of
     the shorter side (the whole image for sets converted from a named set) resized to size. FFCV compiles a
     Loader (seconds), so a reader is made once and iterated at every evaluation."""
 
     def __init__(self, images: BetonSet, size: int, batch_size: int, workers: int):
         _check_bounded(images)
-        decoder = CenterCropRGBImageDecoder((size, size), ratio=1.0 if images.side else 224 / 256)
+        decoder = CenterCropRGBImageDecoder((size, size), ratio=1.0 if images.side else EVAL_CROP)
         with torch_threads_kept():
             self.loader = Loader(images.root, batch_size=batch_size, num_workers=max(1, workers),
                                  order=OrderOption.SEQUENTIAL, indices=images.rows.numpy(), drop_last=False,

@@ -146,9 +146,9 @@ class FileDecoder:
 
 
 class NvjpegLoader(Loader):
-    def __init__(self, images: ImageSet, views: dict[str, ViewSpec], shard: Shard, device: torch.device, *,
+    def __init__(self, images: ImageSet, specs: dict[str, ViewSpec], shard: Shard, device: torch.device, *,
                  workers: int = 2, channels_last: bool = True):
-        super().__init__(images, views, shard, device, channels_last)
+        super().__init__(images, specs, shard, device, channels_last)
         self.decoder = None if images.in_memory else FileDecoder(images, device, workers)
 
     def _decoded(self, order: list[list[int]]) -> Iterator[tuple[list[torch.Tensor], list[int], list[str]]]:
@@ -180,7 +180,7 @@ class NvjpegLoader(Loader):
         sizes = to_device(torch.tensor([image.shape[1:] for image in images]), self.device)  # [B, (H, W)], once
         groups = self._shape_groups(images)
         out = {}
-        for role, spec in self.views.items():
+        for role, spec in self.specs.items():
             p = sample_params(sizes[:, 0], sizes[:, 1], spec, rnd)
             crops = torch.empty(len(images), 3, spec.size, spec.size, device=self.device)
             for members, padded in groups:
@@ -201,8 +201,8 @@ class NvjpegLoader(Loader):
 
 class EvalReader:
     """Every image of an image folder, in order, as uint8 [B,3,size,size] batches (the last one may be partial) on
-    the GPU when there is one: torch_loader's evaluation view (the shorter side resized to size*256/224, the centre
-    size x size) of the images FileDecoder decodes. Iterable again at every evaluation."""
+    the GPU when there is one: torch_loader's evaluation view (the shorter side resized to common.eval_resize(size),
+    the centre size x size) of the images FileDecoder decodes. Iterable again at every evaluation."""
 
     def __init__(self, images: ImageSet, size: int, batch_size: int, workers: int):
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else \

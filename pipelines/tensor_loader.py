@@ -80,10 +80,10 @@ def resident_images(images: ImageSet, size: int, device: torch.device, workers: 
 
 
 class TensorLoader(Loader):
-    def __init__(self, images: ImageSet, views: dict[str, ViewSpec], shard: Shard, device: torch.device, *,
+    def __init__(self, images: ImageSet, specs: dict[str, ViewSpec], shard: Shard, device: torch.device, *,
                  workers: int = 2, channels_last: bool = True):
-        super().__init__(images, views, shard, device, channels_last)
-        self.pixels, self.bad_files = resident_images(images, max(spec.size for spec in views.values()), device,
+        super().__init__(images, specs, shard, device, channels_last)
+        self.pixels, self.bad_files = resident_images(images, max(spec.size for spec in specs.values()), device,
                                                       workers)
         self.labels = images.labels.to(device)
 
@@ -92,7 +92,7 @@ class TensorLoader(Loader):
             src = self.pixels[idx].permute(0, 3, 1, 2)  # uint8 [B,3,H,W]
             rnd = self.random(epoch, idx)
             out = {role: normalize(view(src, spec, rnd), spec.mean, spec.std, self.channels_last)
-                   for role, spec in self.views.items()}
+                   for role, spec in self.specs.items()}
             out["label"] = self.labels[idx]
             if self.bad_files:  # replaced when the set was decoded: reported once, with the first batch
                 out["bad_files"], self.bad_files = self.bad_files, []

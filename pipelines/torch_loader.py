@@ -18,7 +18,7 @@ from torchvision.transforms import v2
 from fastssl.data import ImageSet, UnreadableImage
 from fastssl.views import ViewSpec, normalize
 
-from .common import Loader, Shard, sample_seed
+from .common import Loader, Shard, eval_resize, sample_seed
 
 
 def to_torchvision(spec: ViewSpec) -> v2.Compose:
@@ -38,9 +38,9 @@ def to_torchvision(spec: ViewSpec) -> v2.Compose:
 
 
 class _Views(Dataset):
-    def __init__(self, images: ImageSet, views: dict[str, ViewSpec], seed: int):
+    def __init__(self, images: ImageSet, specs: dict[str, ViewSpec], seed: int):
         self.images, self.seed, self.epoch = images, seed, 0
-        self.transforms = {role: to_torchvision(spec) for role, spec in views.items()}
+        self.transforms = {role: to_torchvision(spec) for role, spec in specs.items()}
 
     def __len__(self):
         return len(self.images)
@@ -72,20 +72,20 @@ def _ignore_stop_signals(worker_id: int) -> None:
 
 
 class TorchLoader(Loader):
-    def __init__(self, images: ImageSet, views: dict[str, ViewSpec], shard: Shard, device: torch.device, *,
+    def __init__(self, images: ImageSet, specs: dict[str, ViewSpec], shard: Shard, device: torch.device, *,
                  workers: int = 2, channels_last: bool = True):
-        super().__init__(images, views, shard, device, channels_last)
-        self.dataset, self.workers = _Views(images, views, shard.seed), workers
+        super().__init__(images, specs, shard, device, channels_last)
+        self.dataset, self.workers = _Views(images, specs, shard.seed), workers
 
     def epoch(self, epoch: int, start_batch: int = 0):
         self.dataset.epoch = epoch  # workers fork after this, so they see it
         order = self.indices(epoch, start_batch).flatten().tolist()
-        loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=order, num_workers=self.workers,
+        loader = DataLoader(self.dataset, batch_size=self.rank_batch, sampler=order, num_workers=self.workers,
                             pin_memory=self.device.type == "cuda", drop_last=True,
                             prefetch_factor=4 if self.workers else None, worker_init_fn=_ignore_stop_signals)
         for batch in loader:
             out = {role: normalize(batch[role].to(self.device, non_blocking=True), spec.mean, spec.std,
-                                   self.channels_last) for role, spec in self.views.items()}
+                                   self.channels_last) for role, spec in self.specs.items()}
             out["label"] = batch["label"].to(self.device, non_blocking=True)
             bad = [f for files in batch["bad_files"] for f in files.split("\n") if f]
             if bad:
@@ -106,8 +106,8 @@ class MemoryEvalReader:
 
 
 def eval_view(size: int) -> v2.Compose:
-    """The evaluation view of an image: the shorter side resized to size*256/224, the centre size x size."""
-    return v2.Compose([v2.Resize(round(size * 256 / 224), antialias=True), v2.CenterCrop(size)])
+    """The evaluation view of an image (common.EVAL_CROP): the shorter side resized, the centre size x size."""
+    return v2.Compose([v2.Resize(eval_resize(size), antialias=True), v2.CenterCrop(size)])
 
 
 class _CentreCrops(Dataset):

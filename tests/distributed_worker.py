@@ -7,10 +7,10 @@ import sys
 import torch
 
 from fastssl import dist
-from fastssl.config import TrainConfig
+from fastssl.config import settings
 from fastssl.train import loop, setup
 
-cfg = TrainConfig(**json.loads(sys.argv[1]))
+cfg = settings(**json.loads(sys.argv[1]))
 run = setup(cfg)
 try:
     loop(run)

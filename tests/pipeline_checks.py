@@ -103,9 +103,9 @@ LEARN = dict(method="ressl", arch="resnet18-w8", image_size=28, batch_size=64, e
 
 
 def check_short_run_learns(data_path: str, pipeline: str, out: Path) -> None:
-    from fastssl.config import TrainConfig
+    from fastssl.config import settings
     from fastssl.train import train
-    cfg = TrainConfig(**LEARN, data=data_path, pipeline=pipeline, out=str(out))
+    cfg = settings(**LEARN, data=data_path, pipeline=pipeline, out=str(out))
     summary = train(cfg)
     (_, random_init), (_, trained) = summary["knn_history"]  # random init: with its BN statistics of the data
     assert trained > random_init + 4, summary["knn_history"]

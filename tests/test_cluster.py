@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fastssl import cli
-from fastssl.config import TrainConfig
+from fastssl.config import settings
 from fastssl.evaluate import assignment_scores, cluster_scores
 from fastssl.train import train
 
@@ -55,9 +55,9 @@ def test_more_clusters_than_classes_leave_some_unmatched():
 
 
 def test_eval_cluster_prints_the_three_scores(tmp_path, capsys, monkeypatch, fashion_folder):
-    train(TrainConfig(method="ressl", arch="resnet18-w8", data="fashion-mnist", pipeline="tensor", image_size=16,
-                      batch_size=64, queue_size=512, train_subset=128, epochs=1, knn_every=0, data_val="none",
-                      device="cpu", out=str(tmp_path)))
+    train(settings(method="ressl", arch="resnet18-w8", data="fashion-mnist", pipeline="tensor", image_size=16,
+                   batch_size=64, queue_size=512, train_subset=128, epochs=1, knn_every=0, data_val="none",
+                   device="cpu", out=str(tmp_path)))
     capsys.readouterr()
     monkeypatch.setattr(sys, "argv", ["fastssl", "eval", "cluster", "--checkpoint", str(tmp_path / "checkpoint.pt"),
                                       "--data", str(fashion_folder), "--device", "cpu", "--k", "12"])

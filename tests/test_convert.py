@@ -15,9 +15,11 @@ import torch
 from PIL import Image
 from pipeline_checks import torch_threads_after
 
-from fastssl import beton, cli, data
+from fastssl import cli, data
+from fastssl.data import check_image
 from fastssl.errors import UserError
-from fastssl.pipelines.convert import check_image, convert
+from fastssl.pipelines import beton, eval_split, load_images
+from fastssl.pipelines.convert import convert
 
 pytestmark = pytest.mark.usefixtures("backbones_train_here")
 
@@ -62,8 +64,8 @@ def test_bad_files_are_listed_and_every_good_image_is_stored_as_rgb(mixed_folder
     info = json.loads(beton.info_path(out).read_text())
     assert info["kind"] == "imagefolder" and info["classes"] == ["a", "b"] and len(info["bad"]) == len(BAD)
     assert info["side"] == 50  # the longest side of the images kept (30x50), all small
-    stored = data.load(str(out))
-    good = sorted(GOOD)  # data.load's order: by class, then by file name
+    stored = load_images(str(out))
+    good = sorted(GOOD)  # load_images' order: by class, then by file name
     assert stored.labels.tolist() == [0 if name.startswith("a/") else 1 for name in good]
     from fastssl.pipelines import eval_reader
     pixels = torch.cat(list(eval_reader("ffcv", stored, 8, batch_size=8, workers=1))).float()
@@ -95,7 +97,7 @@ def test_an_existing_output_survives_unless_forced(mixed_folder, tmp_path, monke
         cli.main()
     assert exit_info.value.code == 0
     assert f"wrote {len(GOOD)} images of 2 classes to {out}" in capsys.readouterr().out
-    assert len(data.load(str(out))) == len(GOOD)
+    assert len(load_images(str(out))) == len(GOOD)
 
 
 def write_cifar10(root, n: int = 12) -> None:
@@ -123,7 +125,7 @@ def test_named_sets_keep_their_kind_classes_and_side(tmp_path, kind, write, side
     source = data.load(str(tmp_path / kind), "test")
     report = convert(str(tmp_path / kind), tmp_path / "out" / f"{kind}_val.beton", split="val", workers=1)
     assert report.images == 12 and not report.bad and not report.skipped
-    stored = data.load(str(tmp_path / "out" / f"{kind}_val.beton"))
+    stored = load_images(str(tmp_path / "out" / f"{kind}_val.beton"))
     assert (stored.kind, stored.native_size, stored.classes) == (kind, side, source.classes)
     assert torch.equal(stored.labels, source.labels)
 
@@ -173,10 +175,10 @@ def test_an_unlabelled_folder_is_stored_with_label_minus_one(tmp_path, capsys, m
     assert exit_info.value.code == 0
     printed = capsys.readouterr().out
     assert f"wrote 3 images to {out}" in printed and "unlabelled: 3 images, labels stored as -1" in printed
-    stored = data.load(str(out))
+    stored = load_images(str(out))
     assert stored.labels.tolist() == [-1, -1, -1] and stored.classes == [] and not stored.labelled
     assert stored.native_size is None  # 100 px: above the small-image side
-    assert data.eval_split(str(out)) == (None, f"no photos_val.beton or photos_test.beton beside {out}")
+    assert eval_split(str(out)) == (None, f"no photos_val.beton or photos_test.beton beside {out}")
 
 
 def run_check(monkeypatch, capsys, folder) -> tuple[int, list[str]]:

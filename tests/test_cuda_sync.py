@@ -18,7 +18,7 @@ import fake_world
 import pytest
 import torch
 
-from fastssl.config import TrainConfig
+from fastssl.config import settings
 from fastssl.device import autocast
 from fastssl.train import setup, train_step
 
@@ -69,9 +69,9 @@ def check_steps(run) -> None:
 
 def cuda_run(method: str, data, pipeline: str, out, sync_bn: bool = False):
     # 48 images, 8 a batch: 6 steps in epoch 0; BN in 2 groups of 4 (or over the 8 of both ranks); no kNN monitor
-    cfg = TrainConfig(method=method, arch="resnet18-w8", data=str(data), data_val="none", pipeline=pipeline,
-                      image_size=32, batch_size=8, bn_splits=2, sync_bn=sync_bn, epochs=1, encoder_ema=0.99,
-                      knn_every=0, workers=2, device="cuda", out=str(out))
+    cfg = settings(method=method, arch="resnet18-w8", data=str(data), data_val="none", pipeline=pipeline,
+                   image_size=32, batch_size=8, bn_splits=2, sync_bn=sync_bn, epochs=1, encoder_ema=0.99,
+                   knn_every=0, workers=2, device="cuda", out=str(out))
     return setup(cfg)
 
 

@@ -195,7 +195,8 @@ def test_the_gpu_graph_decodes_with_nvjpeg_and_keeps_every_view_on_the_gpu():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_batches(colour_folder):
     views = {"weak": weak(24), "strong": strong(24, blur_p=0.5)}
-    batch = next(build("dali", data.load(str(colour_folder)), views, Shard(batch=8), torch.device("cuda")).epoch(0))
+    run = build("dali", data.load(str(colour_folder)), views, Shard(rank_batch=8), torch.device("cuda"))
+    batch = next(run.epoch(0))
     assert all(batch[k].is_cuda for k in batch) and batch["weak"].is_contiguous(memory_format=torch.channels_last)
 
 

@@ -14,8 +14,9 @@ from PIL import Image
 from pipeline_checks import unique_set
 
 from fastssl import data
-from fastssl.beton import BetonSet, write_beton
 from fastssl.errors import UserError
+from fastssl.pipelines import eval_split, load_images
+from fastssl.pipelines.beton import BetonSet, write_beton
 
 
 def images(folder, names, side=20):
@@ -69,18 +70,18 @@ def test_a_folder_of_images_is_unlabelled_and_searched_at_any_depth(tmp_path):
 
 def test_a_beton_with_and_without_its_val_split(tmp_path):
     write_beton(unique_set(16), tmp_path / "u_train.beton")
-    train = data.load(str(tmp_path / "u_train.beton"))
+    train = load_images(str(tmp_path / "u_train.beton"))
     assert isinstance(train, BetonSet) and train.labels.tolist() == list(range(16)) and train.native_size == 8
-    assert data.eval_split(str(tmp_path / "u_train.beton")) == (
+    assert eval_split(str(tmp_path / "u_train.beton")) == (
         None, f"no u_val.beton or u_test.beton beside {tmp_path / 'u_train.beton'}")
     shutil.copy(tmp_path / "u_train.beton", tmp_path / "u_test.beton")
-    queries, _ = data.eval_split(str(tmp_path / "u_train.beton"))
+    queries, _ = eval_split(str(tmp_path / "u_train.beton"))
     assert queries.root == str(tmp_path / "u_test.beton") and len(queries) == 16
-    queries, _ = data.eval_split(str(tmp_path / "u_train.beton"), str(tmp_path / "u_train.beton"))  # that file
+    queries, _ = eval_split(str(tmp_path / "u_train.beton"), str(tmp_path / "u_train.beton"))  # that file
     assert queries.root == str(tmp_path / "u_train.beton")
     (tmp_path / "junk.beton").write_text("not a beton")
     with pytest.raises(UserError, match="junk.beton is not a readable FFCV file"):
-        data.eval_split(str(tmp_path / "u_train.beton"), str(tmp_path / "junk.beton"))
+        eval_split(str(tmp_path / "u_train.beton"), str(tmp_path / "junk.beton"))
 
 
 def test_named_sets_and_the_data_val_choices():
@@ -144,6 +145,6 @@ def test_an_unreadable_file_raises_unreadable_image(tmp_path):
 
 
 def test_data_is_a_lower_layer_than_the_pipelines():
-    code = ("import sys, fastssl.data, fastssl.beton; "
+    code = ("import sys, fastssl.data; "
             "assert not [m for m in sys.modules if m.startswith('fastssl.pipelines')]")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -16,11 +16,12 @@ import time
 from pathlib import Path
 
 import pytest
-from pipeline_checks import wait_for_steps
 import torch
+from method_options import own
+from pipeline_checks import wait_for_steps
 
 from fastssl import checkpoint
-from fastssl.config import TrainConfig
+from fastssl.config import settings
 from fastssl.train import train
 
 pytestmark = pytest.mark.usefixtures("backbones_train_here")
@@ -93,7 +94,9 @@ def test_every_pipeline_trains_in_two_processes_with_the_knn_monitor(pipeline, f
 
 @pytest.mark.parametrize("method", ["isd", "resa", "byol"])  # ressl, mocov2: the invariance test below
 def test_every_method_trains_in_two_processes(method, tmp_path):
-    run(torchrun(*cli_args({**BASE, "method": method, "max_steps": 3}), "--out", str(tmp_path)))
+    settings = {**BASE, "method": method, "max_steps": 3}
+    settings = {k: v for k, v in settings.items() if k != "queue_size"} | own(method, queue_size=64)
+    run(torchrun(*cli_args(settings), "--out", str(tmp_path)))
     assert summary(tmp_path)["steps"] == 3 and all(map(torch.isfinite, torch.tensor(losses(tmp_path))))
 
 
@@ -111,7 +114,7 @@ def one_and_two_runs(name: str, one_settings: dict, two_settings: dict, tmp_path
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each of the two processes: a thread count alone changes the rounding
     try:
-        train(TrainConfig(**one_settings, out=str(one)))
+        train(settings(**one_settings, out=str(one)))
     finally:
         torch.set_num_threads(threads)
     run(torchrun(str(TESTS / "distributed_worker.py"), json.dumps({**two_settings, "out": str(two)})))
@@ -144,7 +147,7 @@ def test_checkpoints_move_between_process_counts_and_evaluate_in_one(one_and_two
     from_two, from_one = tmp_path / "from_two", tmp_path / "from_one"
     shutil.copytree(two, from_two)
     shutil.copytree(one, from_one)
-    train(TrainConfig(out=str(from_two), resume=True, max_steps=STEPS + 2), given={"max_steps": STEPS + 2})
+    train(settings(out=str(from_two), resume=True, max_steps=STEPS + 2), given={"max_steps": STEPS + 2})
     run(torchrun("--out", str(from_one), "--resume", "--max-steps", str(STEPS + 2)))
     for folder in (from_two, from_one):
         assert checkpoint.load(folder / "checkpoint.pt")["step"] == STEPS + 2 and len(losses(folder)) == STEPS + 2

@@ -16,7 +16,7 @@ from pipeline_checks import losses, wait_for_steps
 import torch
 
 from fastssl import checkpoint
-from fastssl.config import TrainConfig
+from fastssl.config import settings
 from fastssl.errors import EXIT_STOPPED, UserError
 from fastssl.methods.ressl import ReSSL
 from fastssl.pipelines.common import Shard, epoch_indices
@@ -115,7 +115,7 @@ def poison_after(monkeypatch, calls: int) -> None:
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, log_every,
                                                                      checkpoint_every, caught_at):
     poison_after(monkeypatch, 7)
-    cfg = TrainConfig(**{**RUN, "log_every": log_every, "checkpoint_every": checkpoint_every, "out": str(tmp_path)})
+    cfg = settings(**{**RUN, "log_every": log_every, "checkpoint_every": checkpoint_every, "out": str(tmp_path)})
     with pytest.raises(UserError, match="loss is not finite") as error:
         train(cfg)
     message = str(error.value)
@@ -143,17 +143,17 @@ def folder_with_a_bad_jpeg(fashion_folder, tmp_path) -> tuple[Path, Path]:
 def test_an_unreadable_image_stops_with_its_name_and_a_checkpoint_or_is_skipped(folder_with_a_bad_jpeg, tmp_path,
                                                                                  pipeline):
     root, bad = folder_with_a_bad_jpeg
-    settings = {**RUN, "data": str(root), "pipeline": pipeline, "train_subset": 0, "epochs": 1, "workers": 1}
+    given = {**RUN, "data": str(root), "pipeline": pipeline, "train_subset": 0, "epochs": 1, "workers": 1}
     with pytest.raises(UserError, match="cannot decode image") as error:
-        train(TrainConfig(**settings, out=str(tmp_path / "stop")))
+        train(settings(**given, out=str(tmp_path / "stop")))
     assert str(bad) in str(error.value) and "--skip-bad-images" in str(error.value)
     # the batch holding it was not trained on: the checkpoint is at the step before it
     from fastssl import data
     files = data.load(str(root)).files
-    order = epoch_indices(len(files), Shard(seed=0, batch=32), 0).view(-1, 32)
+    order = epoch_indices(len(files), Shard(seed=0, rank_batch=32), 0).view(-1, 32)
     bad_batch = next(b for b, idx in enumerate(order.tolist()) if files.index(str(bad)) in idx)
     assert checkpoint.load(tmp_path / "stop" / "checkpoint.pt")["step"] == bad_batch
-    summary = train(TrainConfig(**settings, skip_bad_images=True, out=str(tmp_path / "skip")))
+    summary = train(settings(**given, skip_bad_images=True, out=str(tmp_path / "skip")))
     assert summary["steps"] == 513 // 32 and summary["bad_images"] == 1
     assert (tmp_path / "skip" / "bad_images.txt").read_text() == f"{bad}\n"
 
@@ -170,7 +170,7 @@ def test_a_failed_checkpoint_write_stops_with_one_line_and_keeps_the_previous_on
 
     monkeypatch.setattr(torch, "save", full_disk)
     with pytest.raises(UserError, match="No space left on device") as error:
-        train(TrainConfig(**{**RUN, "checkpoint_every": 3, "out": str(tmp_path)}))
+        train(settings(**{**RUN, "checkpoint_every": 3, "out": str(tmp_path)}))
     monkeypatch.undo()
     assert "is intact" in str(error.value) and "\n" not in str(error.value)
     assert checkpoint.load(tmp_path / "checkpoint.pt")["step"] == 6
@@ -181,7 +181,7 @@ def test_a_failed_checkpoint_write_stops_with_one_line_and_keeps_the_previous_on
 @pytest.fixture(scope="module")
 def short_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("short")
-    train(TrainConfig(**{**RUN, "max_steps": 3, "out": str(out)}))
+    train(settings(**{**RUN, "max_steps": 3, "out": str(out)}))
     return out
 
 
@@ -193,7 +193,7 @@ def short_run(tmp_path_factory) -> Path:
 ])
 def test_resuming_with_a_setting_a_run_keeps_is_one_line_naming_it(short_run, change, message):
     with pytest.raises(UserError, match=message) as error:
-        train(TrainConfig(**{**RUN, **change, "out": str(short_run), "resume": True}))
+        train(settings(**{**RUN, **change, "out": str(short_run), "resume": True}))
     assert "the run in" in str(error.value) and "\n" not in str(error.value)
 
 
@@ -203,11 +203,11 @@ def test_resume_keeps_the_runs_settings_and_takes_the_ones_given(short_run, tmp_
     for name in ("checkpoint.pt", "metrics.csv"):
         (out / name).write_bytes((short_run / name).read_bytes())
     # as the CLI calls it: only --resume, --out and --max-steps given; the run's 4 epochs, lr, queue... are kept
-    summary = train(TrainConfig(resume=True, out=str(out), max_steps=5), given={"resume": True, "out": str(out),
-                                                                                "max_steps": 5})
+    summary = train(settings(resume=True, out=str(out), max_steps=5), given={"resume": True, "out": str(out),
+                                                                             "max_steps": 5})
     assert summary["steps"] == 5
     assert checkpoint.load(out / "checkpoint.pt")["config"]["epochs"] == 4
-    train(TrainConfig(resume=True, out=str(out), epochs=6, max_steps=6), given={"epochs": 6, "max_steps": 6})
+    train(settings(resume=True, out=str(out), epochs=6, max_steps=6), given={"epochs": 6, "max_steps": 6})
     assert "epochs 4 -> 6" in capsys.readouterr().out
 
 
@@ -219,16 +219,16 @@ def test_a_truncated_or_foreign_checkpoint_is_one_line(tmp_path, content):
     else:
         path.write_bytes(content)
     with pytest.raises(UserError) as error:
-        train(TrainConfig(**{**RUN, "out": str(tmp_path), "resume": True}))
+        train(settings(**{**RUN, "out": str(tmp_path), "resume": True}))
     assert str(path) in str(error.value) and "\n" not in str(error.value)
 
 
 def test_auto_resume_starts_afresh_then_continues(tmp_path):
     cfg = dict(RUN, out=str(tmp_path), auto_resume=True, epochs=1)
-    assert train(TrainConfig(**cfg, max_steps=4))["steps"] == 4  # nothing there: a fresh run
-    assert train(TrainConfig(**cfg))["steps"] == 16  # a checkpoint there: continued to the end
+    assert train(settings(**cfg, max_steps=4))["steps"] == 4  # nothing there: a fresh run
+    assert train(settings(**cfg))["steps"] == 16  # a checkpoint there: continued to the end
     with pytest.raises(UserError, match="already holds a run"):
-        train(TrainConfig(**{**cfg, "auto_resume": False}))
+        train(settings(**{**cfg, "auto_resume": False}))
 
 
 def test_a_checkpoint_written_on_gpus_resumes_where_there_are_none(short_run, tmp_path):
@@ -238,7 +238,7 @@ def test_a_checkpoint_written_on_gpus_resumes_where_there_are_none(short_run, tm
     state = checkpoint.load(short_run / "checkpoint.pt")
     state["rng"]["cuda"] = [torch.zeros(16, dtype=torch.uint8)] * 8
     checkpoint.save_run(state, out)
-    assert train(TrainConfig(resume=True, out=str(out), max_steps=4), given={"max_steps": 4})["steps"] == 4
+    assert train(settings(resume=True, out=str(out), max_steps=4), given={"max_steps": 4})["steps"] == 4
 
 
 @pytest.mark.parametrize("saved, expected", [("one", "one"), (["first", "second"], "second"), (["first"], "first")])

@@ -19,9 +19,9 @@ from pipeline_checks import (COLOURS, CPU, PROBE_VIEWS, check_colour_views, chec
                              check_short_run_learns, probe_set, torch_threads_after)
 
 from fastssl import data
-from fastssl.beton import BetonSet, info_path, read_info, write_beton
 from fastssl.errors import UserError
-from fastssl.pipelines import build, eval_reader
+from fastssl.pipelines import build, eval_reader, load_images
+from fastssl.pipelines.beton import BetonSet, info_path, read_info, write_beton
 from fastssl.pipelines.common import Shard
 from fastssl.pipelines.convert import convert
 from fastssl.views import ViewSpec, resa_strong, weak
@@ -32,7 +32,7 @@ VIEWS = {"weak": weak(24), "strong": resa_strong(24, blur_p=0.5), "crop1": ViewS
 
 
 def loader(images, views=VIEWS, batch_size=8, device=CPU):
-    return build("ffcv", images, views, Shard(batch=batch_size), device)
+    return build("ffcv", images, views, Shard(rank_batch=batch_size), device)
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def colour_beton(colour_folder, tmp_path_factory):
 
 
 def test_views_have_the_trainers_layout_and_labels_match_images(colour_beton):
-    images = data.load(str(colour_beton))
+    images = load_images(str(colour_beton))
     assert isinstance(images, BetonSet) and images.classes == [f"class{c}" for c in range(4)]
     run = loader(images, batch_size=16)
     assert len(run) == 3
@@ -52,7 +52,7 @@ def test_views_have_the_trainers_layout_and_labels_match_images(colour_beton):
 
 
 def test_evaluation_reads_the_beton_in_order_with_a_centre_crop(colour_beton):
-    images = data.load(str(colour_beton)).subset(20, seed=1)
+    images = load_images(str(colour_beton)).subset(20, seed=1)
     batches = list(eval_reader("ffcv", images, 16, batch_size=8, workers=1))
     assert [len(x) for x in batches] == [8, 8, 4] and batches[0].dtype == torch.uint8
     x = torch.cat(batches).float()
@@ -63,31 +63,31 @@ def test_evaluation_reads_the_beton_in_order_with_a_centre_crop(colour_beton):
 
 def test_ops_fire_at_the_specs_rates_and_crops_stay_in_range(tmp_path):
     write_beton(probe_set(2048), tmp_path / "probe_train.beton")
-    batches = list(loader(data.load(str(tmp_path / "probe_train.beton")), PROBE_VIEWS, batch_size=256).epoch(0))
+    batches = list(loader(load_images(str(tmp_path / "probe_train.beton")), PROBE_VIEWS, batch_size=256).epoch(0))
     check_probe_rates(batches)
 
 
 def test_beton_splits_and_what_each_pipeline_accepts(colour_beton, colour_folder, tmp_path):
     with pytest.raises(UserError, match="fastssl convert .* --split val"):
-        data.load(str(colour_beton), "test")  # no colours_val.beton beside it
+        load_images(str(colour_beton), "test")  # no colours_val.beton beside it
     (tmp_path / "a_train.beton").write_bytes(colour_beton.read_bytes())
     (tmp_path / "a_val.beton").write_bytes(colour_beton.read_bytes())
-    assert data.load(str(tmp_path / "a_train.beton"), "test").root == str(tmp_path / "a_val.beton")
+    assert load_images(str(tmp_path / "a_train.beton"), "test").root == str(tmp_path / "a_val.beton")
     with pytest.raises(UserError, match="name the files NAME_train.beton"):
-        data.load(str(tmp_path / "a_val.beton"), "test")
+        load_images(str(tmp_path / "a_val.beton"), "test")
     with pytest.raises(UserError, match="--pipeline ffcv reads an FFCV .beton: write one with `fastssl convert"):
         loader(data.load(str(colour_folder)))
     with pytest.raises(UserError, match="train on it with --pipeline ffcv"):
-        build("torch", data.load(str(colour_beton)), VIEWS, Shard(batch=8), CPU)
+        build("torch", load_images(str(colour_beton)), VIEWS, Shard(rank_batch=8), CPU)
     (tmp_path / "junk_train.beton").write_text("not a beton")
     with pytest.raises(UserError, match="not a readable FFCV file"):
-        data.load(str(tmp_path / "junk_train.beton"))
+        load_images(str(tmp_path / "junk_train.beton"))
 
 
 def _converted(colour_folder, tmp_path, max_resolution: int):
     out = tmp_path / f"colours{max_resolution}_train.beton"
     convert(str(colour_folder), out, max_resolution=max_resolution, workers=2)
-    return data.load(str(out))
+    return load_images(str(out))
 
 
 def test_decode_scratch_is_what_ffcv_allocates_and_follows_max_resolution(colour_folder, tmp_path, monkeypatch):
@@ -128,7 +128,7 @@ def test_a_beton_of_unbounded_image_size_is_refused_in_one_line(colour_folder, t
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_batches(colour_beton):
-    batch = next(loader(data.load(str(colour_beton)), device=torch.device("cuda")).epoch(0))
+    batch = next(loader(load_images(str(colour_beton)), device=torch.device("cuda")).epoch(0))
     assert all(batch[k].is_cuda for k in batch) and batch["weak"].is_contiguous(memory_format=torch.channels_last)
 
 

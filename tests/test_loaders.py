@@ -30,7 +30,8 @@ def images(tmp_path_factory):
     from PIL import Image
 
     from fastssl import data
-    from fastssl.beton import write_beton
+    from fastssl.pipelines import load_images
+    from fastssl.pipelines.beton import write_beton
     memory = unique_set(N)
     folder = tmp_path_factory.mktemp("contract")
     write_beton(memory, folder / "unique_train.beton")
@@ -38,7 +39,7 @@ def images(tmp_path_factory):
         (folder / "files" / f"{i:03d}").mkdir(parents=True)
         side, suffix = 8 + i % 5, "jpg" if i % 2 else "png"
         Image.fromarray(pixels).resize((side, side)).save(folder / "files" / f"{i:03d}" / f"x.{suffix}")
-    return {"memory": memory, "beton": data.load(str(folder / "unique_train.beton")),
+    return {"memory": memory, "beton": load_images(str(folder / "unique_train.beton")),
             "files": data.load(str(folder / "files"))}
 
 

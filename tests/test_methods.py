@@ -15,13 +15,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastssl import checkpoint
-from fastssl.config import TrainConfig, resolve
+from fastssl.config import settings
+from fastssl.data import is_small
 from fastssl.errors import UserError
 from fastssl.kernels import sinkhorn_knopp
 from fastssl.methods import METHODS
 from fastssl.methods.base import cosine_momentum
 from fastssl.train import train
-from fastssl.views import is_small, strong, weak
+from method_options import own
+from fastssl.views import strong, weak
 
 pytestmark = pytest.mark.usefixtures("backbones_train_here")
 
@@ -40,13 +42,13 @@ class TinyBackbone(nn.Sequential):
 
 def build(name: str, size: int = 8, batch: int = 6, **settings):
     """A method on a tiny backbone (tiny heads, a short queue) and one random batch of its views."""
-    cfg = TrainConfig(method=name, image_size=size, queue_size=10, proj_hidden=20, proj_dim=8, **settings)
-    cfg = resolve(cfg, METHODS[name].defaults(small=is_small(size)))
+    opts = METHODS[name].Options.resolve({**own(name, queue_size=10, proj_hidden=20, proj_dim=8), **settings},
+                                         small=is_small(size))
     torch.manual_seed(0)
-    method = METHODS[name](cfg, TinyBackbone())
+    method = METHODS[name](opts, TinyBackbone())
     g = torch.Generator().manual_seed(1)
     views = {role: torch.randn(batch, 3, spec.size, spec.size, generator=g)
-             for role, spec in method.views(cfg, size, *MEAN_STD).items()}
+             for role, spec in method.view_specs(opts, size, *MEAN_STD).items()}
     return method, views
 
 
@@ -85,19 +87,19 @@ def relational(q, k, anchors, tau_s, tau_t) -> float:
 
 def ref_ressl(m, views, teacher):
     k = rows(teacher(views["weak"]))
-    return relational(rows(m.student(views["strong"])), k, m.queue.rows.tolist(), m.cfg.tau_s, m.cfg.tau_t)
+    return relational(rows(m.student(views["strong"])), k, m.queue.rows.tolist(), m.opts.tau_s, m.opts.tau_t)
 
 
 def ref_isd(m, views, teacher):
     q, k = rows(m.student(views["strong"])), rows(teacher(views["weak"]))  # the student ends in the predictor
-    return relational(q, k, m.queue.rows.tolist(), m.cfg.tau_s, m.cfg.tau_t)
+    return relational(q, k, m.queue.rows.tolist(), m.opts.tau_s, m.opts.tau_t)
 
 
 def ref_mocov2(m, views, teacher):
     """InfoNCE: -log of the positive's share, positive key first, then the queue's negatives."""
     q, k = rows(m.student(views["view1"])), rows(teacher(views["view2"]))
     negatives = m.queue.rows.tolist()
-    return -sum(log_softmax([dot(qi, ki) / m.cfg.tau_s] + [dot(qi, n) / m.cfg.tau_s for n in negatives])[0]
+    return -sum(log_softmax([dot(qi, ki) / m.opts.tau_s] + [dot(qi, n) / m.opts.tau_s for n in negatives])[0]
                 for qi, ki in zip(q, k)) / len(q)
 
 
@@ -115,7 +117,7 @@ def resa_terms(m, views, teacher) -> list[float]:
     a = sinkhorn_knopp(h_weak @ F.normalize(teacher[0](x[0]), dim=1).T).tolist()
     z = [rows(m.student(v)[1]) for v in x]
     zm = [rows(teacher(v)) for v in x]
-    return [-sum(sum(a_ij * ls for a_ij, ls in zip(a_i, log_softmax([dot(zi, zj) / m.cfg.tau_s for zj in zm[v]])))
+    return [-sum(sum(a_ij * ls for a_ij, ls in zip(a_i, log_softmax([dot(zi, zj) / m.opts.tau_s for zj in zm[v]])))
                  for a_i, zi in zip(a, z[q])) / len(a) for q, v in ((0, 1), (1, 0))]
 
 
@@ -128,7 +130,7 @@ QUEUED = ("ressl", "isd", "mocov2")
 
 
 def teacher_momentum(m, progress: float) -> float:
-    return cosine_momentum(m.cfg.momentum, progress) if m.name in ("byol", "resa") else m.cfg.momentum
+    return cosine_momentum(m.opts.momentum, progress) if m.name in ("byol", "resa") else m.opts.momentum
 
 
 def ema_source(m) -> list[nn.Parameter]:
@@ -254,13 +256,13 @@ def test_ressl_proj_bn_puts_batchnorm_in_both_heads_hidden_layers():
 
 @pytest.mark.parametrize("name", sorted(set(METHODS) - {"ressl"}))
 def test_proj_bn_on_another_method_is_a_user_error(name):
-    with pytest.raises(UserError, match=f"{name}'s head is its paper's"):
+    with pytest.raises(UserError, match=f"{name} has no option 'proj_bn'"):
         build(name, proj_bn=True)
 
 
 def test_isd_heads_scale_with_the_backbone_width():
-    cfg = resolve(TrainConfig(method="isd", image_size=8, queue_size=10), METHODS["isd"].defaults(small=True))
-    m = METHODS["isd"](cfg, TinyBackbone(out_dim=32))
+    opts = METHODS["isd"].Options.resolve({"queue_size": 10}, small=True)
+    m = METHODS["isd"](opts, TinyBackbone(out_dim=32))
     linears = [layer for layer in m.student.modules() if isinstance(layer, nn.Linear)]
     assert [(lin.in_features, lin.out_features) for lin in linears] == [(32, 64), (64, 8), (8, 64), (64, 8)]
     assert len(list(m.teacher.modules())) < len(list(m.student.modules()))  # no predictor on the teacher
@@ -270,11 +272,11 @@ def test_isd_heads_scale_with_the_backbone_width():
 
 def test_multi_crop_views_add_smaller_student_crops():
     m, views = build("ressl", size=32, crops=5)
-    specs = m.views(m.cfg, 32, *MEAN_STD)
+    specs = m.view_specs(m.opts, 32, *MEAN_STD)
     assert list(specs) == ["weak", "strong", "crop1", "crop2", "crop3", "crop4"]
     assert [specs[r].size for r in list(specs)[1:]] == [32, 27, 23, 18, 14]
     one_crop, _ = build("ressl", size=32)
-    assert one_crop.views(one_crop.cfg, 32, *MEAN_STD) == {"weak": weak(32, mean=MEAN_STD[0], std=MEAN_STD[1]),
+    assert one_crop.view_specs(one_crop.opts, 32, *MEAN_STD) == {"weak": weak(32, mean=MEAN_STD[0], std=MEAN_STD[1]),
                                                           "strong": specs["strong"]}
     assert specs["strong"] == strong(32, blur_p=0.0, mean=MEAN_STD[0], std=MEAN_STD[1])  # single-crop ReSSL as before
 
@@ -284,13 +286,13 @@ def test_multi_crop_loss_averages_the_crops_against_one_teacher_row():
     loss, _ = m.step(views, 0.0)
     with torch.no_grad():
         k = rows(m.teacher(views["weak"]))
-        per_crop = [relational(rows(m.student(views[r])), k, m.queue.rows.tolist(), m.cfg.tau_s, m.cfg.tau_t)
+        per_crop = [relational(rows(m.student(views[r])), k, m.queue.rows.tolist(), m.opts.tau_s, m.opts.tau_t)
                     for r in ("strong", "crop1", "crop2")]
     assert loss.item() == pytest.approx(sum(per_crop) / 3, rel=1e-5)
 
 
 @pytest.mark.parametrize("name, crops, message", [("ressl", 6, "ressl takes 1 to 5 student crops"),
-                                                  ("isd", 2, "isd takes no multi-crop"),
+                                                  ("isd", 2, "isd has no option 'crops'"),
                                                   ("ressl", 0, "ressl takes 1 to 5")])
 def test_bad_crops_are_a_user_error(name, crops, message):
     with pytest.raises(UserError, match=message):
@@ -299,11 +301,11 @@ def test_bad_crops_are_a_user_error(name, crops, message):
 
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_defaults_are_valid_settings(name):
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    options = METHODS[name].Options
     for small in (True, False):
-        d = METHODS[name].defaults(small)
-        assert d.keys() <= names
-        resolve(dataclasses.replace(TrainConfig(method=name), **d), {})  # passes validation
+        d = options.recipe(small)
+        assert all(f.metadata["source"] for f in dataclasses.fields(options))  # every value cites its source
+        options.resolve(d, small)  # passes validation
 
 
 # ---- a short run per method learns ----
@@ -323,7 +325,7 @@ LEARN_SETTINGS = {"ressl": {"queue_size": 256, "image_size": 16, "epochs": 4, "k
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_a_short_run_learns(name, tmp_path):
-    cfg = TrainConfig(method=name, **{**LEARN, **LEARN_SETTINGS[name]}, out=str(tmp_path))
+    cfg = settings(method=name, **{**LEARN, **LEARN_SETTINGS[name]}, out=str(tmp_path))
     summary = train(cfg)
     (_, random_init), (_, trained) = summary["knn_history"]  # random init: with its BN statistics of the data
     assert trained > random_init + 4, summary["knn_history"]

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from fastssl.config import load_file, merge
-from fastssl.train import build_method
+from fastssl.config import load_file, merge, to_dict
+from fastssl.methods import build as build_method
 from fastssl.views import apply_overrides
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -41,8 +41,8 @@ def test_recipe_builds_its_method_and_views(name):
     assert not {"out", "device", "workers", "resume"} & values.keys(), "machine choices stay on the command line"
     cfg, method = build_method(merge(values, {"image_size": size}))
     for key, value in values.items():  # resolve fills only what the recipe leaves out
-        assert getattr(cfg, key) == value, key
-    views = apply_overrides(type(method).views(cfg, size, (0.5,) * 3, (0.25,) * 3), cfg.views)
+        assert to_dict(cfg)[key] == value, key
+    views = apply_overrides(method.view_specs(method.opts, size, (0.5,) * 3, (0.25,) * 3), cfg.view_changes)
     assert {role: spec.size for role, spec in views.items()} == view_sizes
 
 
@@ -50,11 +50,12 @@ def test_recipe_specific_settings_land_in_the_views_and_the_method():
     def built(name):
         size = COVERED[name][0]
         cfg, method = build_method(merge(load_file(str(RECIPES / name)), {"image_size": size}))
-        return cfg, method, apply_overrides(type(method).views(cfg, size, (0.5,) * 3, (0.25,) * 3), cfg.views)
+        specs = method.view_specs(method.opts, size, (0.5,) * 3, (0.25,) * 3)
+        return cfg, method, apply_overrides(specs, cfg.view_changes)
 
     _, _, views = built("ressl-cifar10-r18.yaml")
     assert views["strong"].blur_p == 0.5 and views["weak"].blur_p == 0  # the paper's blur on the student only
     cfg, method, views = built("fashion-mnist-ressl-r18w16.yaml")
-    assert views["weak"].crop_scale == (1.0, 1.0) and cfg.proj_bn and method.encoder_average is not None
+    assert views["weak"].crop_scale == (1.0, 1.0) and method.opts.proj_bn and method.encoder_average is not None
     cfg, method, _ = built("ressl-imagenet-r50.yaml")
     assert method.queue.rows.shape == (131072, 512)

@@ -13,15 +13,16 @@ import pytest
 import torch
 import torch.distributed as td
 import torch.nn as nn
+from method_options import own
 
-from fastssl.config import TrainConfig
+from fastssl.config import settings
 from fastssl.device import autocast
+from fastssl.methods import METHODS
 from fastssl.methods.base import PerView
 from fastssl.train import setup, train_step
 
 pytestmark = pytest.mark.usefixtures("backbones_train_here")
 
-METHODS = ("ressl", "isd", "resa", "mocov2", "byol")
 COLLECTIVES = ("all_gather", "all_gather_into_tensor", "all_reduce", "broadcast", "reduce_scatter",
                "reduce_scatter_tensor", "all_to_all", "all_to_all_single", "barrier", "all_gather_object")
 HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy")
@@ -48,11 +49,11 @@ def counting(monkeypatch, calls: collections.Counter):
         yield
 
 
-def steps(method: str, tmp_path, monkeypatch, **settings) -> tuple[object, list[collections.Counter]]:
+def steps(method: str, tmp_path, monkeypatch, **extra) -> tuple[object, list[collections.Counter]]:
     """Three steps of a run set up as `fastssl train` sets it up on rank 0 of 2: the calls of steps 2 and 3."""
-    cfg = TrainConfig(method=method, arch="resnet18-w8", data="fashion-mnist", data_val="none", pipeline="tensor",
-                      train_subset=256, image_size=16, batch_size=16, bn_splits=2, queue_size=64, epochs=1,
-                      precision="fp32", encoder_ema=0.99, device="cpu", out=str(tmp_path), **settings)
+    cfg = settings(method=method, arch="resnet18-w8", data="fashion-mnist", data_val="none", pipeline="tensor",
+                   train_subset=256, image_size=16, batch_size=16, bn_splits=2, epochs=1, precision="fp32",
+                   encoder_ema=0.99, device="cpu", out=str(tmp_path), **own(method, queue_size=64), **extra)
     run = setup(cfg)
     fake_world.keep_gradients(run.method._student_call)
     amp, counts = autocast(run.precision, run.device), []
@@ -94,9 +95,9 @@ def test_compile_compiles_the_networks_the_step_calls(method, tmp_path, monkeypa
     compiles (recorded, not compiled: compiling takes minutes on a CPU)."""
     compiled = []
     monkeypatch.setattr(nn.Module, "compile", lambda self, *a, **k: compiled.append(self))
-    cfg = TrainConfig(method=method, arch="resnet18-w8", data="fashion-mnist", data_val="none", pipeline="tensor",
-                      train_subset=64, image_size=16, batch_size=16, queue_size=64, epochs=1, precision="fp32",
-                      compile=True, device="cpu", out=str(tmp_path))
+    cfg = settings(method=method, arch="resnet18-w8", data="fashion-mnist", data_val="none", pipeline="tensor",
+                   train_subset=64, image_size=16, batch_size=16, epochs=1, precision="fp32", compile=True,
+                   device="cpu", out=str(tmp_path), **own(method, queue_size=64))
     run = setup(cfg)
     outer, inside = [], []  # the modules called first; the weighted modules being called
 

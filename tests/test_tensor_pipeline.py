@@ -223,7 +223,7 @@ def views(size: int = 8) -> dict[str, ViewSpec]:
 
 
 def loader(images: ImageSet, batch_size: int = 10, device=CPU, **kw):
-    return build("tensor", images, kw.pop("views", views()), Shard(batch=batch_size), device, **kw)
+    return build("tensor", images, kw.pop("views", views()), Shard(rank_batch=batch_size), device, **kw)
 
 
 def labels(batches) -> torch.Tensor:
@@ -289,10 +289,10 @@ def test_cuda_batches_match_cpu_ops_and_never_wait_for_the_gpu():
 def test_the_trainer_runs_on_the_tensor_pipeline(tmp_path):
     """`fastssl train --pipeline tensor` end to end on a Fashion-MNIST slice (a smoke test, not a learning check)."""
     train = pytest.importorskip("fastssl.train").train
-    from fastssl.config import TrainConfig
-    cfg = TrainConfig(method="ressl", arch="resnet18-w8", data="fashion-mnist", pipeline="tensor", train_subset=1024,
-                      epochs=1, batch_size=128, queue_size=512, knn_every=0, knn_bank=500, knn_queries=200,
-                      device="cpu", out=str(tmp_path))
+    from fastssl.config import settings
+    cfg = settings(method="ressl", arch="resnet18-w8", data="fashion-mnist", pipeline="tensor", train_subset=1024,
+                   epochs=1, batch_size=128, queue_size=512, knn_every=0, knn_bank=500, knn_queries=200,
+                   device="cpu", out=str(tmp_path))
     summary = train(cfg)
     assert summary["steps"] == 8 and 10 < summary["knn_top1"] <= 100
     assert (tmp_path / "backbone.pt").is_file()

@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from fastssl import checkpoint, cli
-from fastssl.config import TrainConfig, load_file, merge
+from fastssl.config import load_file, merge, settings, to_dict
 from fastssl.errors import UserError
-from fastssl.train import build_method, train, train_step
+from fastssl.methods import build as build_method
+from fastssl.train import train, train_step
 
 pytestmark = pytest.mark.usefixtures("backbones_train_here")
 
@@ -29,15 +30,15 @@ def losses(run_dir) -> list[float]:
 
 @pytest.mark.parametrize("encoder_ema", [0.0, 0.9])
 def test_resumed_run_gives_the_same_losses_as_an_uninterrupted_one(tmp_path, encoder_ema):
-    cfg = TrainConfig(**SMALL, train_subset=512, epochs=2, knn_every=0, encoder_ema=encoder_ema,
-                      out=str(tmp_path / "whole"))
+    cfg = settings(**SMALL, train_subset=512, epochs=2, knn_every=0, encoder_ema=encoder_ema,
+                   out=str(tmp_path / "whole"))
     whole = train(cfg)
     assert whole["steps"] == 16
-    part = dict(vars(cfg), out=str(tmp_path / "part"))
-    train(TrainConfig(**{**part, "max_steps": 5}))  # stops mid-epoch, checkpoint at epoch 0, batch 5
+    part = dict(to_dict(cfg), out=str(tmp_path / "part"))
+    train(settings(**{**part, "max_steps": 5}))  # stops mid-epoch, checkpoint at epoch 0, batch 5
     state = checkpoint.load(tmp_path / "part" / "checkpoint.pt")
     assert (state["step"], state["epoch"], state["batch"]) == (5, 0, 5)
-    resumed = train(TrainConfig(**{**part, "resume": True}))
+    resumed = train(settings(**{**part, "resume": True}))
     assert resumed["steps"] == 16
     assert losses(tmp_path / "part") == losses(tmp_path / "whole")  # bit-exact on CPU
     a, b = (torch.load(tmp_path / d / "backbone.pt") for d in ("whole", "part"))
@@ -46,7 +47,7 @@ def test_resumed_run_gives_the_same_losses_as_an_uninterrupted_one(tmp_path, enc
 
 
 def test_encoder_average_is_the_ema_of_the_encoder_and_is_what_is_evaluated():
-    cfg = TrainConfig(**{**SMALL, "batch_size": 16, "queue_size": 64}, image_size=16, encoder_ema=0.75)
+    cfg = settings(**{**SMALL, "batch_size": 16, "queue_size": 64}, image_size=16, encoder_ema=0.75)
     _, plain = build_method(dataclasses.replace(cfg, encoder_ema=0.0))
     assert plain.evaluated_encoder() is plain.encoder()
     cfg, method = build_method(cfg)
@@ -90,8 +91,8 @@ def test_checkpoints_are_replaced_atomically(tmp_path, monkeypatch):
 def test_a_short_run_learns_and_evaluates(tmp_path, capsys, monkeypatch):
     # 16 px views, a high learning rate and the whole-image teacher of the README's Fashion-MNIST runs: 384 steps
     # of an 8-wide ResNet-18 gain 7-13 points over seeds 0-2 (with the paper's teacher crop: -6 to +5)
-    cfg = TrainConfig(**{**SMALL, "log_every": 20}, image_size=16, train_subset=4096, epochs=6, lr=0.24,
-                      warmup_epochs=0.5, knn_every=6, views="weak.crop_scale=1,1", out=str(tmp_path))
+    cfg = settings(**{**SMALL, "log_every": 20}, image_size=16, train_subset=4096, epochs=6, lr=0.24,
+                   warmup_epochs=0.5, knn_every=6, view_changes="weak.crop_scale=1,1", out=str(tmp_path))
     summary = train(cfg)
     (_, random_init), (_, trained) = summary["knn_history"]
     assert trained > random_init + 5, summary["knn_history"]
@@ -127,7 +128,7 @@ def run_cli(monkeypatch, *args: str) -> None:
     (["--arch", "vit"], "unknown arch 'vit'"),
     (["--pipeline", "magic"], "unknown pipeline 'magic'"),
     (["--batch-size", "100"], "not a multiple of bn_splits=8"),
-    (["--views", "teacher.crop_scale=1,1"], "this method has no view 'teacher'; its views: weak, strong"),
+    (["--view-changes", "teacher.crop_scale=1,1"], "this method has no view 'teacher'; its views: weak, strong"),
     (["--resume", "--out", "{empty}"], "checkpoint.pt does not exist"),
     (["--config", "/nonexistent.yaml"], "config file /nonexistent.yaml does not exist"),
 ])
@@ -146,8 +147,8 @@ def test_config_file_is_overridden_by_the_command_line(tmp_path):
     (tmp_path / "run.yaml").write_text("epochs: 7\nbatch-size: 128\ntau_t: 0.05\n")
     (tmp_path / "run.toml").write_text("epochs = 3\nlr = 0.1\n")
     cfg = merge(load_file(str(tmp_path / "run.yaml")), {"epochs": 2})
-    assert (cfg.epochs, cfg.batch_size, cfg.tau_t) == (2, 128, 0.05)
-    assert merge(load_file(str(tmp_path / "run.toml")), {}).lr == 0.1
+    assert (cfg.epochs, cfg.batch_size, cfg.options["tau_t"]) == (2, 128, 0.05)
+    assert merge(load_file(str(tmp_path / "run.toml")), {}).options["lr"] == 0.1
     (tmp_path / "bad.yaml").write_text("epochs: 7\nlearning_rate: 0.1\n")
     with pytest.raises(UserError, match="unknown setting 'learning_rate'"):
         load_file(str(tmp_path / "bad.yaml"))
@@ -165,3 +166,27 @@ def test_help_shows_every_default(monkeypatch, capsys):
         assert flag in text, flag
     flat = " ".join(text.replace("│", " ").split())  # five methods' recipe defaults wrap across lines
     assert "[default: ressl]" in flat and "ressl 0.06/0.05" in flat and "ressl 4096/131072" in flat
+
+
+# fastssl 0.2's checkpoints held one flat config with every method's options (None where the method had none)
+OPTIONS_0_2 = dict(lr=None, weight_decay=None, warmup_epochs=None, final_lr_ratio=None, queue_size=None, tau_s=None,
+                   tau_t=None, momentum=None, proj_hidden=None, proj_dim=None, proj_bn=False, crops=1)
+
+
+@pytest.mark.parametrize("method", ["byol", "resa"])
+def test_a_checkpoint_of_0_2_resumes(tmp_path, method):
+    small = {**SMALL, "method": method, "train_subset": 128, "batch_size": 32, "image_size": 16, "epochs": 1,
+             "knn_every": 0}
+    del small["queue_size"]  # neither method has a queue
+    out = tmp_path / "run"
+    train(settings(**small, max_steps=2, out=str(out)))
+    state = checkpoint.load(out / "checkpoint.pt")
+    saved = state["config"]
+    # 0.2's layout: its name for --view-changes, and no switch for ReSA's predictor (0.2 chose by the image size)
+    old = {**OPTIONS_0_2, **saved, "views": saved["view_changes"]}
+    del old["view_changes"]
+    old.pop("predictor", None)
+    checkpoint.save_run({**state, "config": old}, out)
+    summary = train(settings(out=str(out), resume=True, max_steps=4, device="cpu"), given={"max_steps": 4})
+    assert summary["steps"] == 4
+    assert checkpoint.load(out / "checkpoint.pt")["config"] == {**saved, "max_steps": 4, "resume": True}

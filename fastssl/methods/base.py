@@ -1,22 +1,24 @@
-"""What the loop knows of a method: its views, its step, its teacher, its encoder.
+"""What the loop knows of a method: its options, its views, its step, its teacher, its encoder.
 
-A method is one small module: it declares the views it wants (by role), builds its heads and teacher,
-computes the loss from a batch of views, and keeps its own state (EMA teacher, queue) in its
-`state_dict`. The loop never looks inside: it calls `distribute`, `compile`, `step` and `after_step`.
+A method is one small module: it declares its options (an `Options` dataclass: its recipe for small images and
+for ImageNet, each value with its source), the views it wants (by role), builds its heads and teacher, computes
+the loss from a batch of views, and keeps its own state (EMA teacher, queue) in its `state_dict`. The loop never
+looks inside: it calls `distribute`, `compile`, `step` and `after_step`.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
 import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..config import TrainConfig
 from ..errors import UserError
 from ..models import EncoderAverage
+from ..options import check_ranges, check_type
 from ..queue import EmbeddingQueue
 from ..sync_batchnorm import convert_sync_batchnorm
 from ..views import ViewSpec
@@ -34,35 +36,101 @@ class PerView(nn.Module):
         return [self.net(x) for x in xs]
 
 
+@dataclass
+class Options:
+    """A method's options. Each method's own dataclass declares every field with `fastssl.options.recipe` (its value
+    for small images and for ImageNet, and their source); these first four, the SGD schedule that the trainer
+    builds from them, may change when a run resumes, the method's others define what it trains and may not."""
+
+    lr: float = field(metadata={"help": "base learning rate per 256 images; the trainer scales it by batch/256"})
+    weight_decay: float = field(metadata={"help": "SGD weight decay"})
+    warmup_epochs: float = field(metadata={"help": "linear warm-up epochs before the per-iteration cosine"})
+    final_lr_ratio: float = field(metadata={"help": "the cosine ends at lr x this"})
+    method: ClassVar[str] = ""  # set by the registry: the method's name, for messages
+
+    def __post_init__(self):
+        check_ranges(self)
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def fixed(cls) -> set[str]:
+        """The options a resumed run keeps: all but the schedule."""
+        return set(cls.names()) - {f.name for f in fields(Options)}
+
+    @classmethod
+    def help(cls, name: str) -> str:
+        """The option's --help text (the schedule's is declared here, once)."""
+        return next(f.metadata["help"] for c in cls.__mro__ if hasattr(c, "__dataclass_fields__")
+                    for f in fields(c) if f.name == name and f.metadata.get("help"))
+
+    @classmethod
+    def recipe(cls, small: bool) -> dict:
+        """The recipe's values: small images (at most 64 px) or ImageNet."""
+        return {f.name: f.metadata["small"] if small else f.default for f in fields(cls)}
+
+    @classmethod
+    def check_given(cls, given: dict) -> None:
+        """A one-line error for an option this method does not have, or a value of the wrong type."""
+        own = {f.name: f for f in fields(cls)}
+        for name, value in given.items():
+            if name not in own:
+                raise UserError(f"{cls.method} has no option {name!r}; its options: {', '.join(own)}")
+            if value is not None:  # None: the recipe's
+                check_type(own[name], value)
+
+    @classmethod
+    def resolve(cls, given: dict, small: bool) -> "Options":
+        """The recipe's values with those `given` (None: the recipe's) in their place, checked."""
+        cls.check_given(given)
+        return cls(**{**cls.recipe(small), **{k: v for k, v in given.items() if v is not None}})
+
+
+METHODS: dict[str, type[Method]] = {}  # by name
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """The class decorator of a method's module: makes the method known by its name."""
+    METHODS[cls.name] = cls
+    cls.Options.method = cls.name
+    return cls
+
+
+def get(name: str) -> type[Method]:
+    if name not in METHODS:
+        raise UserError(f"unknown method {name!r}; choose {' | '.join(sorted(METHODS))}")
+    return METHODS[name]
+
+
+def check_temperatures(opts: Options) -> None:
+    """The relational methods' rule: the teacher's distribution is the sharper one."""
+    if opts.tau_t >= opts.tau_s:
+        raise UserError(f"tau_t={opts.tau_t} must be smaller than tau_s={opts.tau_s}: the teacher's distribution "
+                        f"is the sharper one")
+
+
 class Method(nn.Module):
     name: ClassVar[str]
     backprops_per_image: ClassVar[int]  # student backward passes per image: the "1x vs 2x" cost
-    max_crops: ClassVar[int] = 1  # student crops per image the method can take (cfg.crops; multi-crop)
-    head_bn_switch: ClassVar[bool] = False  # cfg.proj_bn changes its head (other heads are their papers')
+    Options: ClassVar[type[Options]]
     student: nn.Module
     teacher: nn.Module
 
     @staticmethod
-    def defaults(small: bool) -> dict:
-        """Recipe values for the TrainConfig fields left at None (small: images of at most 64 px)."""
+    def view_specs(opts: Options, size: int, mean, std) -> dict[str, ViewSpec]:
+        """The specs of the views of one image, by role; pipelines make a batch of each, the `views` of `step`."""
         raise NotImplementedError
 
-    @staticmethod
-    def views(cfg: TrainConfig, size: int, mean, std) -> dict[str, ViewSpec]:
-        """The views of one image, by role; pipelines deliver a batch of each under the same keys."""
-        raise NotImplementedError
-
-    def __init__(self, cfg: TrainConfig, backbone: nn.Module):
+    def __init__(self, opts: Options, backbone: nn.Module, *, seed: int = 0, encoder_ema: float = 0.0):
+        """opts: the method's options; seed: the run's (queue initialisation, shuffles); encoder_ema: the decay of the
+        encoder's running average that is evaluated and exported (0: none)."""
         super().__init__()
-        if not 1 <= cfg.crops <= self.max_crops:
-            raise UserError(f"crops={cfg.crops}: {self.name} takes " + (
-                f"1 to {self.max_crops} student crops" if self.max_crops > 1 else "no multi-crop; leave crops at 1"))
-        if cfg.proj_bn and not self.head_bn_switch:
-            raise UserError(f"proj_bn: {self.name}'s head is its paper's (only ressl takes --proj-bn); leave it off")
-        self.cfg = cfg
+        self.opts, self.seed = opts, seed
         # The encoder's running average, in the state_dict so that resume is exact. Built from `backbone`, which
         # every encoder() starts as; its first update copies encoder() anyway.
-        self.encoder_average = EncoderAverage(backbone, cfg.encoder_ema) if cfg.encoder_ema else None
+        self.encoder_average = EncoderAverage(backbone, encoder_ema) if encoder_ema else None
         self.queue: EmbeddingQueue | None = None
         object.__setattr__(self, "_student_call", None)  # set by distribute(); kept out of _modules and state_dict
 
@@ -116,12 +184,6 @@ class Method(nn.Module):
         of each bucket overlaps the rest of the backward. The encoder's average only runs in evaluation."""
         for net in self.networks():
             net.compile()
-
-
-def fp32(like: torch.Tensor):
-    """A region with autocast off, for a loss's small matmuls: logits and similarities stay fp32 (the networks
-    around it still run in bf16). `like` gives the device type."""
-    return torch.autocast(like.device.type, enabled=False)
 
 
 def cosine_momentum(base: float, progress: float) -> float:

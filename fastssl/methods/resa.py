@@ -14,6 +14,7 @@ Sinkhorn sums over images are all-reduced (fastssl.dist.all_reduce). In one proc
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -21,11 +22,28 @@ import torch.nn as nn
 from .. import dist
 from ..kernels import resa_target, soft_cross_entropy
 from ..models import ema_update, mlp
-from ..views import is_small, resa_strong, weak
-from . import register
-from .base import Method, cosine_momentum
+from ..options import recipe
+from ..views import resa_strong, weak
+from .base import Method, Options, cosine_momentum, register
 
 SINKHORN_EPS, SINKHORN_ITERS = 0.05, 3
+PAPER, CODE = "ReSA (Weng et al., ICML 2025)", "the official code (github.com/winci-ai/resa)"
+
+
+@dataclass
+class ReSAOptions(Options):
+    lr: float = recipe(0.3, 0.5, "", f"{PAPER} Table 8")
+    weight_decay: float = recipe(1e-4, 1e-5, "", f"{PAPER} Table 8", check="non-negative")
+    warmup_epochs: float = recipe(2, 2, "", f"{PAPER} Table 8", check="non-negative")
+    final_lr_ratio: float = recipe(0.1, 0.1, "", f"{CODE}'s CIFAR recipe (no source gives ImageNet's)",
+                                   check="fraction")
+    tau_s: float = recipe(0.4, 0.4, "temperature of the softmax over the batch", f"{PAPER}, pseudo-code")
+    momentum: float = recipe(0.996, 0.996, "momentum encoder EMA at the start of its cosine schedule to 1",
+                             f"{PAPER}, pseudo-code", check="fraction")
+    proj_hidden: int = recipe(2048, 2048, "projector (3 layers) and predictor hidden width", f"{PAPER}, setup")
+    proj_dim: int = recipe(512, 512, "projection (embedding) dimension", f"{PAPER}, setup")
+    predictor: bool = recipe(False, True, "a predictor after the online projector", f"{PAPER}, setup: ImageNet only",
+                             check="none")
 
 
 class EncoderHead(nn.Module):
@@ -44,22 +62,17 @@ class EncoderHead(nn.Module):
 class ReSA(Method):
     name = "resa"
     backprops_per_image = 2
+    Options = ReSAOptions
 
     @staticmethod
-    def defaults(small: bool) -> dict:
-        return dict(lr=0.3 if small else 0.5, weight_decay=1e-4 if small else 1e-5, warmup_epochs=2,
-                    final_lr_ratio=0.1, tau_s=0.4, momentum=0.996, proj_hidden=2048, proj_dim=512)
-
-    @staticmethod
-    def views(cfg, size, mean, std):
+    def view_specs(opts, size, mean, std):
         return {"weak": weak(size, mean=mean, std=std), "strong": resa_strong(size, mean=mean, std=std)}
 
-    def __init__(self, cfg, backbone):
-        super().__init__(cfg, backbone)
-        hidden, dim = cfg.proj_hidden, cfg.proj_dim
+    def __init__(self, opts, backbone, **run):
+        super().__init__(opts, backbone, **run)
+        hidden, dim = opts.proj_hidden, opts.proj_dim
         projector = mlp([backbone.out_dim, hidden, hidden, dim], hidden_bn=True, last_bn=True)
-        # the predictor is in the ImageNet recipe only
-        predictor = nn.Identity() if is_small(cfg.image_size) else mlp([dim, hidden, dim], hidden_bn=True)
+        predictor = mlp([dim, hidden, dim], hidden_bn=True) if opts.predictor else nn.Identity()
         self.student = EncoderHead(backbone, projector, predictor)
         momentum_net = nn.Sequential(copy.deepcopy(backbone), copy.deepcopy(projector))  # encoder + projector
         self.teacher = momentum_net.requires_grad_(False)
@@ -71,7 +84,7 @@ class ReSA(Method):
         return [self.student, self.teacher[0], self.teacher[1]]  # the step calls the momentum net's parts apart
 
     def step(self, views, progress):
-        m = cosine_momentum(self.cfg.momentum, progress)
+        m = cosine_momentum(self.opts.momentum, progress)
         ema_update(self.teacher, nn.Sequential(self.student.encoder, self.student.projector), m)  # before its forward
         x = (views["weak"], views["strong"])
         online = self.student_forward(*x)  # (features, projection) per view: BN sees one view at a time
@@ -81,5 +94,5 @@ class ReSA(Method):
             target = resa_target(online[0][0], dist.all_gather_cat(hm[0]), SINKHORN_EPS, SINKHORN_ITERS,
                                  all_reduce=dist.all_reduce)
         z = [p for _, p in online]
-        tau = self.cfg.tau_s
+        tau = self.opts.tau_s
         return (soft_cross_entropy(target, z[0], zm[1], tau) + soft_cross_entropy(target, z[1], zm[0], tau)) / 2, {}

@@ -3,7 +3,7 @@
 Student sees the strong view, the EMA teacher the weak view (crop + flip); both are compared with a FIFO
 queue of past teacher embeddings; the teacher's embeddings are enqueued after the loss. 1x backprop.
 
-Multi-crop (cfg.crops > 1): the student also gets smaller strong crops ("crop1", ...; ReSSL's 224/192/160/128/96 px
+Multi-crop (crops > 1): the student also gets smaller strong crops ("crop1", ...; ReSSL's 224/192/160/128/96 px
 set scaled to the image size), each compared with the teacher's one weak-view distribution; losses averaged.
 Each extra crop is one more (smaller) student backward pass, which backprops_per_image does not count.
 """
@@ -11,53 +11,76 @@ Each extra crop is one more (smaller) student backward pass, which backprops_per
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..errors import UserError
 from ..kernels import relational_loss
 from ..models import ema_update, mlp
+from ..options import recipe
 from ..queue import EmbeddingQueue
 from ..views import MULTI_CROP_224, multi_crop, strong, weak
-from . import register
-from .base import Method
+from .base import Method, Options, check_temperatures, register
+
+PAPER, CODE = "ReSSL (Zheng et al., NeurIPS 2021)", "the official code (github.com/KyleZheng1997/ReSSL)"
+
+
+@dataclass
+class ReSSLOptions(Options):
+    lr: float = recipe(0.06, 0.05, "", f"{PAPER} §4 (CIFAR: 0.06 x batch/256); ImageNet: {CODE}")
+    weight_decay: float = recipe(5e-4, 1e-4, "", f"{PAPER} §4, §5", check="non-negative")
+    warmup_epochs: float = recipe(5, 5, "", f"{PAPER} §4: 5 linear warm-up epochs", check="non-negative")
+    final_lr_ratio: float = recipe(0.0, 0.0, "", f"{PAPER} §4: cosine to 0", check="fraction")
+    queue_size: int = recipe(4096, 131072, "queue length K (anchors)",
+                             f"{PAPER} §4 / Table 5 (4096 for small sets); ImageNet: {CODE} (§5: 130k)")
+    tau_s: float = recipe(0.1, 0.1, "student temperature", f"{PAPER} Table 2")
+    tau_t: float = recipe(0.04, 0.04, "teacher temperature (below tau_s: the sharper one)", f"{PAPER} Table 2")
+    momentum: float = recipe(0.99, 0.999, "teacher EMA momentum", f"{PAPER} §4 (0.99 small sets), §5 (0.999)",
+                             check="fraction")
+    proj_hidden: int = recipe(2048, 4096, "projection head hidden width", f"{CODE}: CIFAR 2048, ImageNet 4096")
+    proj_dim: int = recipe(128, 512, "projection (embedding) dimension", f"{CODE}: CIFAR 128, ImageNet 512")
+    proj_bn: bool = recipe(False, False, "BatchNorm after the projection head's hidden layer, as in BYOL's projector",
+                           f"{PAPER}: the head has none", check="none")
+    crops: int = recipe(1, 1, f"student crops per image: 1 = the strong view only, up to {len(MULTI_CROP_224)} = "
+                              "the paper's 224/192/160/128/96 px multi-crop set scaled to the image size",
+                        f"{PAPER} §5, multi-crop", check="none")
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_temperatures(self)
+        if not 1 <= self.crops <= len(MULTI_CROP_224):
+            raise UserError(f"crops={self.crops}: ressl takes 1 to {len(MULTI_CROP_224)} student crops")
 
 
 @register
 class ReSSL(Method):
     name = "ressl"
     backprops_per_image = 1
-    max_crops = len(MULTI_CROP_224)
-    head_bn_switch = True
+    Options = ReSSLOptions
 
     @staticmethod
-    def defaults(small: bool) -> dict:
-        return dict(lr=0.06 if small else 0.05, weight_decay=5e-4 if small else 1e-4, warmup_epochs=5,
-                    final_lr_ratio=0.0, queue_size=4096 if small else 131072, tau_s=0.1, tau_t=0.04,
-                    momentum=0.99 if small else 0.999, proj_hidden=2048 if small else 4096,
-                    proj_dim=128 if small else 512)
-
-    @staticmethod
-    def views(cfg, size, mean, std):
-        student = multi_crop(strong(size, mean=mean, std=std), cfg.crops)  # [0] is the strong view
+    def view_specs(opts, size, mean, std):
+        student = multi_crop(strong(size, mean=mean, std=std), opts.crops)  # [0] is the strong view
         return {"weak": weak(size, mean=mean, std=std), "strong": student[0],
                 **{f"crop{i}": spec for i, spec in enumerate(student[1:], 1)}}
 
-    def __init__(self, cfg, backbone):
-        super().__init__(cfg, backbone)
-        head = mlp([backbone.out_dim, cfg.proj_hidden, cfg.proj_dim], hidden_bn=cfg.proj_bn)  # the paper's: no BN
+    def __init__(self, opts, backbone, **run):
+        super().__init__(opts, backbone, **run)
+        head = mlp([backbone.out_dim, opts.proj_hidden, opts.proj_dim], hidden_bn=opts.proj_bn)  # the paper's: no BN
         self.student = nn.Sequential(backbone, head)
         self.teacher = copy.deepcopy(self.student).requires_grad_(False)
-        self.queue = EmbeddingQueue(cfg.queue_size, cfg.proj_dim, seed=cfg.seed)
+        self.queue = EmbeddingQueue(opts.queue_size, opts.proj_dim, seed=self.seed)
 
     def step(self, views, progress):
-        ema_update(self.teacher, self.student, self.cfg.momentum)  # before the teacher forward, as the papers do
+        ema_update(self.teacher, self.student, self.opts.momentum)  # before the teacher forward, as the papers do
         with torch.no_grad():
             k = F.normalize(self.teacher(views["weak"]).float(), dim=1)
-        crops = [views["strong"]] + [views[f"crop{i}"] for i in range(1, self.cfg.crops)]
+        crops = [views["strong"]] + [views[f"crop{i}"] for i in range(1, self.opts.crops)]
         qs = [F.normalize(x.float(), dim=1) for x in self.student_forward(*crops)]  # one forward per crop size
         q = torch.stack(qs) if len(qs) > 1 else qs[0]  # [C,B,D]: the kernel streams the teacher once for all
-        loss = relational_loss(q, k, self.queue.rows, self.cfg.tau_s, self.cfg.tau_t)
+        loss = relational_loss(q, k, self.queue.rows, self.opts.tau_s, self.opts.tau_t)
         self.queue.stage(k)  # enqueued after the optimiser step: a sample is never its own anchor
         return loss, {}

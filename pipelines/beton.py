@@ -17,10 +17,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .data import ImageSet
-from .errors import UserError
-from .extras import optional
-from .views import SMALL_IMAGE_MAX
+from fastssl.data import SMALL_IMAGE_MAX, ImageSet
+from fastssl.errors import UserError
+from fastssl.extras import optional
 
 WRITE_MODES = ("raw", "jpg", "smart", "proportion")
 SMART_RAW_PIXELS = 64 * 64  # write mode smart: raw pixels up to this size (small sets decode for free), JPEG above
@@ -48,6 +47,11 @@ class BetonSet(ImageSet):
 
     def take(self, idx: torch.Tensor) -> "BetonSet":
         return replace(super().take(idx), rows=self.rows[idx])
+
+
+def is_beton(data: str | Path) -> bool:
+    """Whether --data (or --data-val) names a .beton: by its suffix."""
+    return Path(data).suffix == ".beton"
 
 
 def info_path(beton: Path) -> Path:
