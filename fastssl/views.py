@@ -71,6 +71,12 @@ def strong(size: int, blur_p: float | None = None, **kw) -> ViewSpec:
                     blur_p=_blur_p(size, blur_p), **kw)
 
 
+def symmetric(size: int, **kw) -> dict[str, ViewSpec]:
+    """The MoCo v2 and BYOL baselines' views: the strong recipe on both, "view1" and "view2"."""
+    spec = strong(size, **kw)
+    return {"view1": spec, "view2": spec}
+
+
 def resa_strong(size: int, blur_p: float | None = None, **kw) -> ViewSpec:
     """ReSA x1: jitter (0.4, 0.4, 0.2, 0.1) p 0.8, grayscale 0.2, blur p, solarize 0.2, flip."""
     return ViewSpec(size=size, jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, grayscale_p=0.2,

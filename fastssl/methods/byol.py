@@ -18,7 +18,7 @@ import torch.nn as nn
 from ..kernels import byol_loss
 from ..models import ema_update, mlp
 from ..options import recipe
-from ..views import strong
+from ..views import symmetric
 from .base import Method, Options, cosine_momentum, register
 
 PAPER = "BYOL (Grill et al., NeurIPS 2020)"
@@ -47,8 +47,7 @@ class BYOL(Method):
 
     @staticmethod
     def view_specs(opts, size, mean, std):
-        spec = strong(size, mean=mean, std=std)
-        return {"view1": spec, "view2": spec}
+        return symmetric(size, mean=mean, std=std)
 
     def __init__(self, opts, backbone, **run):
         super().__init__(opts, backbone, **run)

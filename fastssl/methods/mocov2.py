@@ -22,7 +22,7 @@ from ..kernels import infonce_loss
 from ..models import ema_update, mlp
 from ..options import recipe
 from ..queue import EmbeddingQueue
-from ..views import strong
+from ..views import symmetric
 from .base import Method, Options, register
 
 MOCO, V2 = "MoCo (He et al., CVPR 2020)", "MoCo v2 (Chen et al., arXiv:2003.04297)"
@@ -51,8 +51,7 @@ class MoCoV2(Method):
 
     @staticmethod
     def view_specs(opts, size, mean, std):
-        spec = strong(size, mean=mean, std=std)
-        return {"view1": spec, "view2": spec}
+        return symmetric(size, mean=mean, std=std)
 
     def __init__(self, opts, backbone, **run):
         super().__init__(opts, backbone, **run)
