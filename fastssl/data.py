@@ -201,6 +201,8 @@ def find_named(name: str) -> Path:
 
 def detect(root: Path) -> str:
     """What a folder holds: one of IN_MEMORY (by its files), else "imagefolder"."""
+    if not root.is_dir():  # existing() lets a .beton through for fastssl.pipelines, which reads it
+        raise UserError(f"{root} is an FFCV .beton: read it with fastssl.pipelines.load_images (as the trainer does)")
     names = {p.name for p in root.iterdir()}
     if {"train-images-idx3-ubyte.gz", "train-images-idx3-ubyte"} & names:
         return "fashion-mnist"
