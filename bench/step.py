@@ -19,6 +19,7 @@ the bf16 peak are reported as skipped (common.native_bf16).
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import time
 
 import torch
@@ -33,6 +34,9 @@ METHOD_ORDER = ("ressl", "isd", "resa", "mocov2", "byol")
 # A cold torch.compile of one method's step takes ~9 minutes on a 2-core CPU (and runs slower than eager there):
 # on CPUs the full run measures the compiled setting for ReSSL alone.
 CPU_COMPILED_METHODS = ("ressl",)
+# ReSA's two backbone families side by side, one setting, same run: (ResNet, ViT, view side, batch) per device / mode
+BACKBONES = {"cpu": ("resnet50", "vit-s16", 32, 32), "cuda": ("resnet50", "vit-s16", 224, 128),
+             "smoke": ("resnet18-w8", "vit-t16", 16, 16)}
 
 
 def defaults(device: str, mode: str) -> dict:
@@ -53,10 +57,12 @@ def _build(method: str, arch: str, size: int, batch: int, device: str, setting: 
     from fastssl.device import autocast
     from fastssl.dist import BatchSplit
     from fastssl.methods import build
+    from fastssl.models import convolutional
     precision, channels_last, compiled = SETTINGS[setting]
     dev = torch.device(device)
     cfg = TrainConfig(method=method, arch=arch, image_size=size, batch_size=batch)
     cfg, m = build(cfg, BatchSplit(batch, bn_splits=cfg.bn_splits).bn_groups)
+    channels_last = channels_last and convolutional(m.encoder())  # as the trainer: not for a ViT
     m.to(dev, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     if compiled:
         m.compile()
@@ -153,6 +159,7 @@ def run(mode: str = "full", device: str = "auto", arch: str | None = None, size:
             m["flops_per_image"] = flops.setdefault(method, m["flops_per_image"])
             cases.append({"method": method, "setting": setting, **m,
                           "mfu": m["flops_per_image"] * m["images_per_s"]["median"] / peak})
+    backbones = _backbones(device, mode, bf16, steps, reps)
     ratios = {}
     for setting in settings:  # the 1x-backprop claim: ReSSL's step time over BYOL-symmetric's, same run
         rate = {c["method"]: c["images_per_s"]["median"] for c in cases if c["setting"] == setting
@@ -162,11 +169,23 @@ def run(mode: str = "full", device: str = "auto", arch: str | None = None, size:
     results = {"device": device_name(device), "torch": torch.__version__, **shape, "steps": steps, "reps": reps,
                "native_bf16": bf16, "matmul_peak_flops": peaks,
                "memory_measured": device == "cuda" or can_measure_cpu_memory(),
-               "cases": cases, "ressl_over_byol_step_time": ratios,
+               "cases": cases, "backbones": backbones, "ressl_over_byol_step_time": ratios,
                "target": {"max_ressl_over_byol": 0.55,
                           "met": bool(ratios) and all(r <= 0.55 for r in ratios.values())}}
     write(out_dir, "step", results, to_markdown(results))
     return results
+
+
+def _backbones(device: str, mode: str, bf16: bool, steps: int, reps: int) -> dict:
+    """ReSA's step with a ResNet and with a ViT (timm's, the `timm` extra), at bf16 where it is native."""
+    resnet, vit, size, batch = BACKBONES["smoke" if mode == "smoke" else device]
+    setting = "bf16 channels_last" if bf16 else "fp32 channels_last"
+    shape = {"method": "resa", "setting": setting, "size": size, "batch": batch}
+    if importlib.util.find_spec("timm") is None:
+        return {**shape, "skipped": "no timm (pip install 'fastssl[timm]')"}
+    rates = {arch: run_script(__file__, "step", "resa", arch, size, batch, device, setting, steps, reps)["images_per_s"]
+             for arch in (resnet, vit)}
+    return {**shape, "images_per_s": rates}
 
 
 def to_markdown(results: dict) -> str:
@@ -184,6 +203,10 @@ def to_markdown(results: dict) -> str:
         rows.append([c["method"], c["setting"], c["backprops_per_image"], *figures])
     lines += table(["method", "setting", "backprops/image", "images/s", "peak extra MiB", "GFLOP/image", "MFU"],
                    "llrrrrr", rows)
+    b = results["backbones"]
+    figures = b.get("skipped") or ", ".join(f"{arch} {spread(rate, '.1f')} images/s"
+                                             for arch, rate in b["images_per_s"].items())
+    lines += ["", f"Backbones, ReSA {b['setting']} at {b['size']} px, batch {b['batch']}: {figures}."]
     if results["ressl_over_byol_step_time"]:
         parts = ", ".join(f"{s}: {r:.2f}" for s, r in results["ressl_over_byol_step_time"].items())
         lines += ["", f"ReSSL step time / BYOL-symmetric step time (target <= "

@@ -13,6 +13,7 @@ import yaml
 
 from . import methods
 from .errors import UserError
+from .optim import OPTIMIZERS
 from .options import check_ranges, check_types, option
 
 KNN_K, KNN_T = 200, 0.1  # the standard weighted kNN monitor (InstDisc): 200 neighbours, temperature 0.1
@@ -26,7 +27,11 @@ class TrainConfig:
     method: str = option("ressl", "self-supervised method (its own options below name it)", fixed=True)
     arch: str = option("resnet18", "backbone: resnet18 | resnet34 | resnet50 (or r18 | r34 | r50), narrowed as "
                                    "resnet18-w16 (base width 16, not 64); inputs of at most 64 px get the 3x3 "
-                                   "stride-1 stem without max-pool", fixed=True)
+                                   "stride-1 stem without max-pool | vit-t16 | vit-s16 | vit-b16 (timm's ViT-Tiny/"
+                                   "Small/Base: 16 px patches, 4 px on images of at most 64 px) | timm:NAME (any "
+                                   "timm model)", fixed=True)
+    drop_path: float = option(0.0, "stochastic depth rate of a ViT or timm backbone (DINO's ViT default: 0.1)",
+                              check="fraction", fixed=True)
     data: str = option("fashion-mnist", "fashion-mnist | cifar10 | cifar100 | imagenet, or a path: an ImageFolder "
                                         "root (train/ and optional val/), a folder of images (labels unused), a "
                                         "folder holding a named set, or a .beton from `fastssl convert`", fixed=True)
@@ -40,6 +45,10 @@ class TrainConfig:
     epochs: int = option(100, "training epochs", check="positive")
     batch_size: int = option(256, "global batch size (split across processes under torchrun)", check="positive",
                              fixed=True)
+    optimizer: str = option("sgd", "sgd (momentum 0.9, the ResNet recipes) | lars (timm's; BYOL at large batches) | "
+                                   "adamw (ReSA's ViT row); lars and adamw exempt biases and norms from weight decay; "
+                                   "the methods' built-in lr and weight decay are SGD's: a recipe file sets them",
+                            fixed=True)
     encoder_ema: float = option(0.0, "evaluate and export a running average of the encoder's weights and BN "
                                      "statistics, updated every step with this decay (e.g. 0.997); 0: the encoder",
                                 fixed=True)
@@ -147,7 +156,8 @@ def check(cfg: TrainConfig) -> None:
     methods.get(cfg.method).Options.check_given(cfg.options)
     if not 0 <= cfg.encoder_ema < 1:
         raise UserError(f"encoder_ema={cfg.encoder_ema} must be in [0, 1) (0 turns the average off)")
-    for name, choices in (("device", ("auto", "cpu", "cuda")), ("precision", ("auto", "fp32", "bf16"))):
+    for name, choices in (("device", ("auto", "cpu", "cuda")), ("precision", ("auto", "fp32", "bf16")),
+                          ("optimizer", OPTIMIZERS)):
         if getattr(cfg, name) not in choices:
             raise UserError(f"unknown {name} {getattr(cfg, name)!r}; choose {' | '.join(choices)}")
 

@@ -1,4 +1,5 @@
-"""Backbones (torchvision ResNets), MLP heads, split BatchNorm, the EMA teacher update and the encoder's average."""
+"""Backbones (torchvision ResNets, timm's Vision Transformers and any timm model), MLP heads, split BatchNorm, the EMA
+teacher update and the encoder's average."""
 
 from __future__ import annotations
 
@@ -17,8 +18,11 @@ from .errors import UserError
 
 ARCHS = {"resnet18": (BasicBlock, [2, 2, 2, 2]), "resnet34": (BasicBlock, [3, 4, 6, 3]),
          "resnet50": (Bottleneck, [3, 4, 6, 3])}
+# ViT-Tiny/Small/Base (timm's definitions): patch 16 px at ImageNet sizes, VIT_SMALL_PATCH px on small images
+VITS = {"vit-t16": "vit_tiny_patch16_224", "vit-s16": "vit_small_patch16_224", "vit-b16": "vit_base_patch16_224"}
+VIT_SMALL_PATCH = 4  # images of at most 64 px: 4 px patches keep 7x7 to 16x16 tokens (16 px patches: 2x2 to 4x4)
 ARCH_HELP = ("resnet18 | resnet34 | resnet50 (or r18 | r34 | r50), optionally narrowed: resnet18-w16 (base width 16 "
-             "instead of 64)")
+             "instead of 64) | vit-t16 | vit-s16 | vit-b16 | timm:NAME (any timm model, e.g. timm:resnet50)")
 
 
 class _NarrowResNet(resnet.ResNet):
@@ -34,12 +38,16 @@ class _NarrowResNet(resnet.ResNet):
         return super()._make_layer(block, int(planes * self._scale), blocks, stride, dilate)
 
 
-def build_backbone(arch: str, image_size: int) -> nn.Module:
-    """A torchvision ResNet returning pooled features; `.out_dim` is their width.
-
-    Inputs of at most 64 px get the small-image stem (3x3 stride-1 conv1, no max-pool), as in the CIFAR
-    recipes of every paper here.
-    """
+def build_backbone(arch: str, image_size: int, drop_path: float = 0.0) -> nn.Module:
+    """A backbone returning pooled features; `.out_dim` is their width. ResNets are torchvision's: inputs of at
+    most 64 px get the small-image stem (3x3 stride-1 conv1, no max-pool), as in the CIFAR recipes of every paper
+    here. ViTs and timm:NAME are timm's, without a classifier (ViTs: the class token's features), with stochastic
+    depth `drop_path`."""
+    if arch in VITS or arch.startswith("timm:"):
+        return subsample_strided_pointwise(timm_backbone(arch, image_size, drop_path))
+    if drop_path:
+        raise UserError(f"--drop-path {drop_path}: the torchvision ResNets have no stochastic depth; use a ViT or "
+                        f"timm:NAME (e.g. timm:resnet50), or leave it at 0")
     m = re.fullmatch(r"(?:resnet|r)(\d+)(?:-w(\d+))?", arch)
     name = m and f"resnet{m.group(1)}"
     if not m or name not in ARCHS or (m.group(2) and not 4 <= int(m.group(2)) <= 256):
@@ -57,6 +65,33 @@ def build_backbone(arch: str, image_size: int) -> nn.Module:
     net.out_dim = int(512 * width / 64) * block.expansion
     net.fc = nn.Identity()
     return subsample_strided_pointwise(net)
+
+
+def timm_backbone(arch: str, image_size: int, drop_path: float) -> nn.Module:
+    """vit-t16 | vit-s16 | vit-b16 (position embeddings interpolated for other input sizes: multi-crop) or timm:NAME,
+    from timm, without a classifier; `.patch` is a ViT's patch side."""
+    try:
+        import timm
+    except ImportError:
+        raise UserError(f"--arch {arch} needs timm: pip install 'fastssl[timm]' (or timm)") from None
+    name, options = arch.removeprefix("timm:"), {"drop_path_rate": drop_path} if drop_path else {}
+    if arch in VITS:
+        name = VITS[arch]
+        options.update(img_size=image_size, patch_size=VIT_SMALL_PATCH if is_small(image_size) else 16,
+                       dynamic_img_size=True, dynamic_img_pad=True)
+    if not timm.is_model(name):
+        raise UserError(f"unknown timm model {name!r}; timm.list_models('PATTERN') lists them (e.g. 'resnet*')")
+    try:
+        net = timm.create_model(name, pretrained=False, num_classes=0, **options)
+    except TypeError as e:  # a model without stochastic depth refuses drop_path_rate
+        raise UserError(f"timm model {name}: {e}; leave --drop-path at 0 for it") from None
+    net.out_dim, net.patch = net.num_features, options.get("patch_size")
+    return net
+
+
+def convolutional(net: nn.Module) -> bool:
+    """Whether channels_last memory helps: a convolutional network, not a ViT (whose one convolution embeds patches)."""
+    return sum(isinstance(m, nn.Conv2d) for m in net.modules()) > 1
 
 
 # CPUs with AVX-512 (F, BW, VL, DQ: oneDNN's avx512_core kernels), as ATen reports them. ATEN_CPU_CAPABILITY=avx2

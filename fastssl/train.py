@@ -23,7 +23,9 @@ from . import checkpoint, dist, methods, pipelines
 from .config import TrainConfig, check, explicit, resume_config, to_dict
 from .device import autocast, pick_device, pick_precision
 from .errors import UserError
+from .models import convolutional
 from .monitor import KnnMonitor, auto_interval
+from .optim import build_optimizer, warmup_cosine
 from .pipelines.common import Loader, Shard
 from .stopping import Stops
 from .views import apply_overrides
@@ -31,16 +33,6 @@ from .views import apply_overrides
 def default_workers() -> int:
     """Loader workers per process: this machine's cores shared by its processes."""
     return max(1, (os.cpu_count() or 1) // dist.local_world_size())
-
-
-def warmup_cosine(warmup_steps: int, total_steps: int, final_ratio: float):
-    """LR multiplier per iteration: linear warm-up, then cosine down to `final_ratio`."""
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-    return factor
 
 
 def train_step(method, views: dict, opt: torch.optim.Optimizer, amp, progress: float):
@@ -161,6 +153,8 @@ def setup(cfg: TrainConfig, given: dict | None = None) -> Run:
     size, size_from = ((cfg.image_size, "as set") if cfg.image_size else
                        (train_set.native_size or 224, train_set.size_note))
     cfg, method = methods.build(dataclasses.replace(cfg, image_size=size), split.bn_groups)
+    if cfg.channels_last and not convolutional(method.encoder()):  # a ViT: channels_last speeds up nothing
+        cfg = dataclasses.replace(cfg, channels_last=False)
     method.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
     if split.world > 1:
         method.distribute(device, cfg.sync_bn)
@@ -173,8 +167,7 @@ def setup(cfg: TrainConfig, given: dict | None = None) -> Run:
                              workers=workers, channels_last=cfg.channels_last)
     steps_per_epoch = len(loader)
     total_steps, opts = cfg.epochs * steps_per_epoch, method.opts
-    opt = torch.optim.SGD(method.trainable().parameters(), lr=split.lr(opts.lr), momentum=0.9,
-                          weight_decay=opts.weight_decay)
+    opt = build_optimizer(cfg.optimizer, method.trainable(), split.lr(opts.lr), opts.weight_decay)
     # A run shorter than a few warm-ups (a quick look, a test) still gets its cosine: warm-up <= a fifth of the run.
     warmups = (min(round(opts.warmup_epochs * steps_per_epoch), total_steps // 5),
                round(opts.warmup_epochs * steps_per_epoch))
@@ -212,13 +205,16 @@ def _banner(run: Run, train_set, size_from: str, workers: int, warmups: tuple[in
     capped = f" (a fifth of the run; the recipe's {opts.warmup_epochs:g})" if warmup_steps < recipe_warmup else ""
     loader = "" if cfg.pipeline == "tensor" else f", {workers} workers"  # the tensor pipeline has no workers
     loader += f", {run.loader.scratch_note()}" if hasattr(run.loader, "scratch_note") else ""  # FFCV's decode buffers
-    print(f"fastssl: {cfg.method} | {cfg.arch} @ {cfg.image_size}px ({size_from}) | "
+    patch = getattr(run.method.encoder(), "patch", None)
+    print(f"fastssl: {cfg.method} | {cfg.arch} @ {cfg.image_size}px ({size_from})"
+          f"{f', {patch} px patches, no channels_last' if patch else ''} | "
           f"{len(train_set)} images from {train_set.root} | pipeline {cfg.pipeline}{loader} | {run.device} "
           f"{run.precision}{' channels_last' if cfg.channels_last else ''}{' compiled' if cfg.compile else ''} | "
           f"{run.split.world} process(es), {run.split.describe()}"
           f"{f' | view changes: {cfg.view_changes}' if cfg.view_changes else ''}"
           f"{f' | evaluating the encoder average (decay {cfg.encoder_ema:g})' if cfg.encoder_ema else ''}")
-    print(f"lr {run.split.lr(opts.lr):.4g} = {opts.lr} x batch {cfg.batch_size} / 256 | {cfg.epochs} epochs x "
+    print(f"{cfg.optimizer} lr {run.split.lr(opts.lr):.4g} = {opts.lr} x batch {cfg.batch_size} / 256, weight decay "
+          f"{opts.weight_decay:g} | {cfg.epochs} epochs x "
           f"{run.steps_per_epoch} steps | warm-up {warmup_steps / run.steps_per_epoch:.3g} epochs{capped}, then "
           f"{'constant' if opts.final_lr_ratio == 1 else f'cosine to {opts.final_lr_ratio:g} x lr'}"
           f"{f' | resuming at step {run.step} from {run.saved}' if run.saved else ''}"

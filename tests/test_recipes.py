@@ -20,7 +20,10 @@ COVERED = {
     "isd-imagenet-r50.yaml": (224, {"weak": 224, "strong": 224}),
     "resa-imagenet-r50.yaml": (224, {"weak": 224, "strong": 224}),
     "resa-cifar10-r18.yaml": (32, {"weak": 32, "strong": 32}),
+    "resa-imagenet-vits16.yaml": (224, {"weak": 224, "strong": 224}),
+    "ressl-imagenet-vits16.yaml": (224, {"weak": 224, "strong": 224}),
     "mocov2-imagenet-r50.yaml": (224, {"view1": 224, "view2": 224}),
+    "byol-imagenet-r50-lars.yaml": (224, {"view1": 224, "view2": 224}),
     "byol-imagenet-r50.yaml": (224, {"view1": 224, "view2": 224}),
     "fashion-mnist-ressl-r18w16.yaml": (28, {"weak": 28, "strong": 28}),
 }

@@ -28,10 +28,11 @@ def losses(run_dir) -> list[float]:
         return [float(row["value"]) for row in csv.DictReader(f) if row["key"] == "loss"]
 
 
-@pytest.mark.parametrize("encoder_ema", [0.0, 0.9])
-def test_resumed_run_gives_the_same_losses_as_an_uninterrupted_one(tmp_path, encoder_ema):
+@pytest.mark.parametrize("encoder_ema, optimizer", [(0.0, {}), (0.9, {}), (0.0, {"optimizer": "lars"}),
+                                                     (0.0, {"optimizer": "adamw", "lr": 5e-4})])
+def test_resumed_run_gives_the_same_losses_as_an_uninterrupted_one(tmp_path, encoder_ema, optimizer):
     cfg = settings(**SMALL, train_subset=512, epochs=2, knn_every=0, encoder_ema=encoder_ema,
-                   out=str(tmp_path / "whole"))
+                   out=str(tmp_path / "whole"), **optimizer)
     whole = train(cfg)
     assert whole["steps"] == 16
     part = dict(to_dict(cfg), out=str(tmp_path / "part"))

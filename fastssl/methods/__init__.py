@@ -19,7 +19,8 @@ def build(cfg, bn_groups: int = 1):
     cls = get(cfg.method)
     opts = cls.Options.resolve(cfg.options, small=is_small(cfg.image_size))
     torch.manual_seed(cfg.seed)
-    method = cls(opts, build_backbone(cfg.arch, cfg.image_size), seed=cfg.seed, encoder_ema=cfg.encoder_ema)
+    backbone = build_backbone(cfg.arch, cfg.image_size, cfg.drop_path)
+    method = cls(opts, backbone, seed=cfg.seed, encoder_ema=cfg.encoder_ema)
     return dataclasses.replace(cfg, options=dataclasses.asdict(opts)), split_batchnorm(method, bn_groups)
 
 
