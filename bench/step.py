@@ -129,11 +129,12 @@ def methods_available() -> dict[str, type]:
 
 def run(mode: str = "full", device: str = "auto", arch: str | None = None, size: int | None = None,
         batch: int | None = None, out_dir: str | None = None, methods: list[str] | None = None,
-        settings: list[str] | None = None) -> dict:
+        settings: list[str] | None = None, backbones: bool = False) -> dict:
     """mode: full (every setting; on CPUs the compiled one for CPU_COMPILED_METHODS only) | quick (fp32 and
     bf16 channels_last, fewer runs; on CPUs a narrower network) | smoke (the test suite's check that the script
     runs: a tiny network, one run of one step). `methods`, `settings`: a subset (default: all methods, the mode's
-    settings). bf16 settings are measured only where bf16 is native."""
+    settings). bf16 settings are measured only where bf16 is native. backbones: also ReSA's step with a ResNet and
+    a ViT (BACKBONES)."""
     device = pick_device(device)
     shape = {**defaults(device, mode), **{k: v for k, v in dict(arch=arch, size=size, batch=batch).items() if v}}
     steps, reps = {"full": (5, 5), "quick": (5, 3), "smoke": (1, 1)}[mode]
@@ -159,7 +160,7 @@ def run(mode: str = "full", device: str = "auto", arch: str | None = None, size:
             m["flops_per_image"] = flops.setdefault(method, m["flops_per_image"])
             cases.append({"method": method, "setting": setting, **m,
                           "mfu": m["flops_per_image"] * m["images_per_s"]["median"] / peak})
-    backbones = _backbones(device, mode, bf16, steps, reps)
+    backbones = _backbones(device, mode, bf16, steps, reps) if backbones else {}
     ratios = {}
     for setting in settings:  # the 1x-backprop claim: ReSSL's step time over BYOL-symmetric's, same run
         rate = {c["method"]: c["images_per_s"]["median"] for c in cases if c["setting"] == setting
@@ -204,9 +205,10 @@ def to_markdown(results: dict) -> str:
     lines += table(["method", "setting", "backprops/image", "images/s", "peak extra MiB", "GFLOP/image", "MFU"],
                    "llrrrrr", rows)
     b = results["backbones"]
-    figures = b.get("skipped") or ", ".join(f"{arch} {spread(rate, '.1f')} images/s"
-                                             for arch, rate in b["images_per_s"].items())
-    lines += ["", f"Backbones, ReSA {b['setting']} at {b['size']} px, batch {b['batch']}: {figures}."]
+    if b:
+        figures = b.get("skipped") or ", ".join(f"{arch} {spread(rate, '.1f')} images/s"
+                                                 for arch, rate in b["images_per_s"].items())
+        lines += ["", f"Backbones, ReSA {b['setting']} at {b['size']} px, batch {b['batch']}: {figures}."]
     if results["ressl_over_byol_step_time"]:
         parts = ", ".join(f"{s}: {r:.2f}" for s, r in results["ressl_over_byol_step_time"].items())
         lines += ["", f"ReSSL step time / BYOL-symmetric step time (target <= "
@@ -224,6 +226,8 @@ def main():
     parser.add_argument("--batch", type=int, help="batch size (default: 64 on CPU, 128 with --quick; 128 on CUDA)")
     parser.add_argument("--methods", help=f"comma-separated subset of {','.join(METHOD_ORDER)}")
     parser.add_argument("--settings", help=f"comma-separated subset of {','.join(SETTINGS)}")
+    parser.add_argument("--backbones", action="store_true", help="also ReSA's step with a ResNet-50 and a ViT-S/16 "
+                                                                 "(the timm extra), same setting")
     args = parser.parse_args()
     chosen = {name: getattr(args, name).split(",") if getattr(args, name) else None for name in ("methods", "settings")}
     unknown = set(chosen["settings"] or ()) - set(SETTINGS)
@@ -232,7 +236,8 @@ def main():
     if args._sub:
         answer(args._sub, peak=_matmul_peak, step=_measure)
         return
-    print(to_markdown(run(mode_of(args), args.device, args.arch, args.size, args.batch, args.out, **chosen)), end="")
+    print(to_markdown(run(mode_of(args), args.device, args.arch, args.size, args.batch, args.out, **chosen,
+                          backbones=args.backbones)), end="")
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ def run(mode: str, device: str, data: str | None, out_dir: str) -> dict:
     sections = {}
     for name, fn in (("loader", lambda: loaders.run(mode, device=device, data_dir=data, out_dir=out_dir)),
                      ("loss", lambda: loss.run(mode, device=device, out_dir=out_dir)),
-                     ("step", lambda: step.run(mode, device=device, out_dir=out_dir)),
+                     ("step", lambda: step.run(mode, device=device, out_dir=out_dir, backbones=True)),
                      ("end_to_end", lambda: end_to_end.run(mode, device=device, out_dir=out_dir))):
         start = time.perf_counter()
         sections[name] = fn()

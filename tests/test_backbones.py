@@ -96,3 +96,13 @@ def test_a_vit_run_evaluates_from_its_checkpoint(tmp_path, fashion_folder, capsy
         assert done.value.code in (0, None), capsys.readouterr().err
     printed = capsys.readouterr().out
     assert "kNN top-1" in printed and "linear probe top-1" in printed and "NMI" in printed
+
+
+def test_without_timm_its_backbones_and_lars_are_one_line(monkeypatch):
+    monkeypatch.setitem(sys.modules, "timm", None)  # what a missing package looks like to `import timm`
+    monkeypatch.setitem(sys.modules, "timm.optim", None)
+    with pytest.raises(UserError, match=r"--arch vit-s16 needs timm: pip install 'fastssl\[timm\]'"):
+        build_backbone("vit-s16", 224)
+    with pytest.raises(UserError, match="--optimizer lars needs timm"):
+        build_optimizer("lars", nn.Linear(2, 2), lr=0.1, weight_decay=0.0)
+    build_optimizer("adamw", nn.Linear(2, 2), lr=0.1, weight_decay=0.0)  # torch's own

@@ -48,6 +48,7 @@ def test_results_have_every_section_and_the_run_context(smoke):
     step_cases = {(c["method"], c["setting"]) for c in results["step"]["cases"] if "skipped" not in c}
     assert {m for m, _ in step_cases} == {"ressl", "isd", "resa", "mocov2", "byol"}
     assert set(results["step"]["ressl_over_byol_step_time"]) == {s for _, s in step_cases}
+    assert set(results["step"]["backbones"]["images_per_s"]) == {"resnet18-w8", "vit-t16"}  # ResNet beside a ViT
     assert set(results["end_to_end"]["images_per_s"]) == {"torch", "tensor", "dali", "ffcv"}
     assert (out / "throughput.png").stat().st_size > 0
     markdown = (out / "results.md").read_text()
