@@ -43,6 +43,7 @@ def _train_one(settings: dict) -> dict:
     start = time.perf_counter()
     run = setup(config(**settings))
     summary = loop(run)
+    run.logger.close()
     peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     queries = run.knn.queries  # the kNN monitor's
     reader = pipelines.eval_reader(run.cfg.pipeline, queries, run.cfg.image_size, batch_size=512, workers=0)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 _PUBLIC = {"TrainConfig": "config", "settings": "config", "train": "train", "METHODS": "methods",
            "UserError": "errors", "relational_loss": "kernels"}

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+import yaml
 
 from . import methods
 from .config import FIELDS, KNN_K, KNN_T, from_saved, load_file, merge
@@ -22,6 +23,19 @@ app = typer.Typer(help="fastssl: high-throughput relational self-supervised lear
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 eval_app = typer.Typer(help="Evaluate a trained encoder (frozen).", no_args_is_help=True)
 app.add_typer(eval_app, name="eval")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from . import __version__
+        print(f"fastssl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                       help="print fastssl's version and exit")) -> None:
+    pass
 
 
 def _method_option_help(name: str) -> str:
@@ -42,12 +56,15 @@ def _shown(value) -> str | None:
     return None if value is None else ("on" if value else "off") if isinstance(value, bool) else f"{value:g}"
 
 
-def _train(ctx: typer.Context, config: Optional[Path], **options):
+def _train(ctx: typer.Context, config: Optional[Path], print_config: bool, **options):
     # by name: typer vendors its own click, whose ParameterSource is not click's
     given = {k: v for k, v in options.items() if ctx.get_parameter_source(k).name == "COMMANDLINE"}
     file_values = load_file(str(config)) if config else {}
     cfg = merge(file_values, given)
-    from .train import train
+    from .train import resolved_settings, train
+    if print_config:
+        print(yaml.safe_dump(resolved_settings(cfg, {**file_values, **given}), sort_keys=False), end="")
+        return
     train(cfg, given={**file_values, **given})
 
 
@@ -57,7 +74,11 @@ def _train_signature() -> inspect.Signature:
     params = [inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context),
               inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
                                 default=typer.Option(None, help="YAML or TOML file with the same keys; "
-                                                                "command-line options override it"))]
+                                                                "command-line options override it")),
+              inspect.Parameter("print_config", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                                default=typer.Option(False, help="print the settings the run would use (a resumed "
+                                                                 "run's, the image size, every method option) as "
+                                                                 "YAML for --config, and exit"))]
     method_options = {f.name: f for cls in METHODS.values() for f in fields(cls.Options)}
     for f in [*FIELDS.values(), *method_options.values()]:
         own = f.name in FIELDS

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from . import checkpoint, dist, methods, pipelines
 from .config import TrainConfig, check, explicit, resume_config, to_dict
+from .data import is_small
 from .device import autocast, pick_device, pick_precision
 from .errors import UserError
 from .models import convolutional
@@ -102,6 +103,7 @@ class Run:
     monitored_at: int = -1  # the step of the last kNN pass
     bad_files: list = field(default_factory=list)  # replaced with --skip-bad-images
     saved: Path | None = None  # the newest checkpoint, known good
+    logger: Logger | None = None  # metrics.csv and TensorBoard (rank 0)
 
     @property
     def main(self) -> bool:
@@ -150,8 +152,7 @@ def setup(cfg: TrainConfig, given: dict | None = None) -> Run:
     precision = pick_precision(cfg.precision, device)
 
     train_set = pipelines.load_images(cfg.data, "train").subset(cfg.train_subset, cfg.seed)
-    size, size_from = ((cfg.image_size, "as set") if cfg.image_size else
-                       (train_set.native_size or 224, train_set.size_note))
+    size, size_from = image_size(cfg, train_set)
     cfg, method = methods.build(dataclasses.replace(cfg, image_size=size), split.bn_groups)
     if cfg.channels_last and not convolutional(method.encoder()):  # a ViT: channels_last speeds up nothing
         cfg = dataclasses.replace(cfg, channels_last=False)
@@ -182,7 +183,24 @@ def setup(cfg: TrainConfig, given: dict | None = None) -> Run:
         run.out.mkdir(parents=True, exist_ok=True)
         (run.out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
         _banner(run, train_set, size_from, workers, warmups, changes, no_monitor)
+    run.logger = Logger(run.out, run.main, run.step)
     return run
+
+
+def image_size(cfg: TrainConfig, train_set) -> tuple[int, str]:
+    """The training view side, and where it comes from: --image-size, else the data's (its native side up to 64 px,
+    else 224)."""
+    return (cfg.image_size, "as set") if cfg.image_size else (train_set.native_size or 224, train_set.size_note)
+
+
+def resolved_settings(cfg: TrainConfig, given: dict) -> dict:
+    """The settings a run of `cfg` would train with, flat (--print-config): a resumed run's, the image size from the
+    data when not set, every option of the method (the recipe's at that size where not given)."""
+    cfg = _resume(cfg, given)[0]
+    check(cfg)
+    size = image_size(cfg, pipelines.load_images(cfg.data, "train"))[0]
+    opts = methods.get(cfg.method).Options.resolve(cfg.options, small=is_small(size))
+    return to_dict(dataclasses.replace(cfg, image_size=size, options=dataclasses.asdict(opts)))
 
 
 def _knn_monitor(cfg: TrainConfig, train_set, size: int, device, precision: str, workers: int):
@@ -263,6 +281,8 @@ def knn_pass(run: Run, data_bn_stats: bool = False) -> None:
     epoch = run.epoch + run.batch / run.steps_per_epoch
     run.history.append((epoch, accuracy))
     run.monitored_at = run.step
+    with _writing(run, run.out / "metrics.csv"):
+        run.logger.log(run.step, knn_top1=accuracy)
     if run.main:
         tqdm.write(f"epoch {epoch:g}: kNN top-1 {accuracy:.2f}%")
 
@@ -308,7 +328,7 @@ class LossWindow:
     def add(self, loss: torch.Tensor) -> None:
         self.sum, self.steps = self.sum + loss, self.steps + 1
 
-    def log(self, run: Run, logger: Logger, bar: tqdm, stats: dict) -> None:
+    def log(self, run: Run, bar: tqdm, stats: dict) -> None:
         """The loop's only host sync, every --log-every steps: the window's loss averaged over the ranks, checked
         for NaN/Inf, shown and logged; then a new window."""
         mean_loss = dist.all_reduce(self.sum, "mean").item() / self.steps
@@ -318,7 +338,7 @@ class LossWindow:
         # shown at the bar's next refresh: a refresh here would print a stale count
         bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{rate:.0f}", lr=f"{lr:.3g}", refresh=False)
         with _writing(run, run.out / "metrics.csv"):
-            logger.log(run.step, loss=mean_loss, lr=lr, images_per_s=rate, **{k: float(v) for k, v in stats.items()})
+            run.logger.log(run.step, loss=mean_loss, lr=lr, images_per_s=rate, **{k: float(v) for k, v in stats.items()})
         self.__init__(self.sum.device)
 
 
@@ -326,7 +346,7 @@ def loop(run: Run) -> dict:
     """Train to the end of the last epoch (or --max-steps) and return the run's summary: batch -> step -> schedule
     -> log, with a checkpoint or a stop where `Stops` says (the same on every rank)."""
     cfg, amp, first_step = run.cfg, autocast(run.precision, run.device), run.step
-    logger, losses, epochs = Logger(run.out, run.main, run.step), LossWindow(run.device), Epochs(run)
+    losses, epochs = LossWindow(run.device), Epochs(run)
     if run.knn and cfg.knn_every and not run.history:
         knn_pass(run, data_bn_stats=True)  # the random-init reference point of the curve (BN statistics of the data)
     with Stops(cfg, run.main, run.step) as stops, contextlib.closing(iter(epochs)) as batches:
@@ -344,8 +364,7 @@ def loop(run: Run) -> dict:
             run.step, run.batch = run.step + 1, run.batch + 1
             losses.add(loss)
             if run.step % cfg.log_every == 0:
-                losses.log(run, logger, epochs.bar, stats)
-    logger.close()
+                losses.log(run, epochs.bar, stats)
     if stops.stopped:
         raise stops.error(run.step, run.saved)
     return finish(run, (run.step - first_step) * cfg.batch_size / max(epochs.seconds, 1e-9), epochs.seconds)
@@ -381,7 +400,9 @@ def train(cfg: TrainConfig, given: dict | None = None) -> dict:
     """Train a run (or continue one). `given`: the settings set explicitly (the CLI's options); by default every
     setting that differs from TrainConfig's defaults. A lost process becomes a one-line error."""
     try:
-        return loop(setup(cfg, given))
+        run = setup(cfg, given)
+        with contextlib.closing(run.logger):
+            return loop(run)
     except (RuntimeError, dist.DistError) as e:
         if dist.is_dist() and dist.is_lost_peer(e):
             raise dist.lost_peer(e) from None

@@ -14,6 +14,7 @@ cfg = settings(**json.loads(sys.argv[1]))
 run = setup(cfg)
 try:
     loop(run)
+    run.logger.close()
     torch.save(run.method.queue.rows, f"{cfg.out}/queue-rank{dist.rank()}.pt")
 finally:
     dist.destroy()

@@ -8,6 +8,7 @@ import dataclasses
 import sys
 
 import pytest
+import yaml
 import torch
 
 from fastssl import checkpoint, cli
@@ -191,3 +192,23 @@ def test_a_checkpoint_of_0_2_resumes(tmp_path, method):
     summary = train(settings(out=str(out), resume=True, max_steps=4, device="cpu"), given={"max_steps": 4})
     assert summary["steps"] == 4
     assert checkpoint.load(out / "checkpoint.pt")["config"] == {**saved, "max_steps": 4, "resume": True}
+
+
+def test_print_config_gives_the_resolved_settings_as_a_config_file(tmp_path, monkeypatch, capsys):
+    run_cli(monkeypatch, "train", "--method", "isd", "--queue-size", "1024", "--print-config")
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["image_size"] == 28 and printed["queue_size"] == 1024  # the data's side; the option given
+    assert printed["tau_t"] == 0.02 and printed["proj_hidden"] is None  # ISD's small-image recipe, in full
+    (tmp_path / "printed.yaml").write_text(yaml.safe_dump(printed))
+    assert to_dict(merge(load_file(str(tmp_path / "printed.yaml")), {})) == printed  # a --config file as it is
+    run_cli(monkeypatch, "--version")
+    assert capsys.readouterr().out.startswith("fastssl ")
+
+
+def test_the_knn_curve_is_in_metrics_csv(tmp_path):
+    summary = train(settings(**{**SMALL, "batch_size": 32}, train_subset=128, image_size=16, epochs=2, knn_every=1,
+                             out=str(tmp_path)))
+    with open(tmp_path / "metrics.csv") as f:
+        logged = [(int(row["step"]), float(row["value"])) for row in csv.DictReader(f) if row["key"] == "knn_top1"]
+    assert [accuracy for _, accuracy in logged] == [accuracy for _, accuracy in summary["knn_history"]]
+    assert [step for step, _ in logged] == [0, 4, 8]  # random init, then each epoch's end
