@@ -1,13 +1,21 @@
-"""Atomic checkpoints (write, fsync, rename), the last two kept, exact resume, and the plain backbone export."""
+"""Atomic checkpoints (write, fsync, rename), the last two kept, read back without unpickling foreign code
+(weights_only), exact resume, and the plain backbone export."""
 
 from __future__ import annotations
 
 import os
+import pickle
 import random
+import re
 from pathlib import Path
 
 import numpy as np
 import torch
+
+try:  # how numpy pickles an array: numpy 2 moved it
+    from numpy._core.multiarray import _reconstruct
+except ImportError:
+    from numpy.core.multiarray import _reconstruct
 
 from .errors import UserError
 
@@ -53,12 +61,26 @@ def save_run(state: dict, out: Path) -> None:
     _fsync_dir(out)
 
 
+# Besides tensors and plain containers a checkpoint holds numpy's RNG state (rng_state): torch.load's weights_only
+# unpickler takes these classes and refuses every other one.
+SAFE_GLOBALS = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), _reconstruct]
+
+
 def load(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if not found:  # not a pickle at all (truncated, garbage)
+            raise UserError(f"cannot read checkpoint {path} ({str(e).splitlines()[0]})") from None
+        # weights_only met a class that is none of ours: never run its code
+        raise UserError(f"{path} holds Python objects a fastssl checkpoint does not"
+                        f" ({found.group(1)}); refusing to unpickle it (it could run code): "
+                        f"pass a checkpoint written by fastssl") from None
     except Exception as e:  # a truncated or foreign file: say which and why, once
         raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
 

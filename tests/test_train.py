@@ -6,6 +6,7 @@ import contextlib
 import csv
 import dataclasses
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -212,3 +213,21 @@ def test_the_knn_curve_is_in_metrics_csv(tmp_path):
         logged = [(int(row["step"]), float(row["value"])) for row in csv.DictReader(f) if row["key"] == "knn_top1"]
     assert [accuracy for _, accuracy in logged] == [accuracy for _, accuracy in summary["knn_history"]]
     assert [step for step, _ in logged] == [0, 4, 8]  # random init, then each epoch's end
+
+
+class _RunsCode:
+    """What a malicious checkpoint carries: unpickling it would call a function of the sender's choice."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_checkpoint_with_foreign_objects_is_refused_without_running_them(tmp_path):
+    marker = tmp_path / "code-ran"
+    torch.save({"config": {}, "method": {}, "step": 0, "payload": _RunsCode(marker)}, tmp_path / "checkpoint.pt")
+    with pytest.raises(UserError, match="holds Python objects a fastssl checkpoint does not"):
+        checkpoint.load(tmp_path / "checkpoint.pt")
+    assert not marker.exists()
