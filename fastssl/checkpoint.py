@@ -82,7 +82,8 @@ def load(path: str | Path) -> dict:
                         f" ({found.group(1)}); refusing to unpickle it (it could run code): "
                         f"pass a checkpoint written by fastssl") from None
     except Exception as e:  # a truncated or foreign file: say which and why, once
-        raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        why = str(e).splitlines()[0] if str(e) else "it ends early"  # an empty file's EOFError says nothing
+        raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}: {why})") from None
 
 
 def load_run(out: Path) -> tuple[dict, Path]:
