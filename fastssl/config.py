@@ -13,6 +13,7 @@ import yaml
 
 from . import methods
 from .errors import UserError
+from .loggers import parse_kinds
 from .optim import OPTIMIZERS
 from .options import check_ranges, check_types, option
 
@@ -88,8 +89,16 @@ class TrainConfig:
                                     "images (0: all)", check="non-negative")
     knn_queries: int = option(0, "kNN queries: a fixed random subset of the evaluation split (0: all)",
                               check="non-negative")
+    online_probe: bool = option(False, "train a linear classifier beside pretraining on the student's detached "
+                                       "features of its first view (solo-learn's online probe; labelled data): its "
+                                       "training top-1 per epoch, its top-1 on the kNN queries at each kNN pass")
     log_every: int = option(20, "steps between progress/CSV/TensorBoard updates (and the non-finite loss check)",
                             check="positive")
+    # no brackets in help text: the CLI's rich markup would eat `fastssl[wandb]`
+    logger: str = option("tensorboard,csv", "where metrics go, comma-separated: tensorboard, csv, wandb (the wandb "
+                                            "extra: pip install wandb; WANDB_MODE=offline works without a network), "
+                                            "mlflow (the mlflow extra: pip install mlflow-skinny; a local folder "
+                                            "OUT/mlruns unless MLFLOW_TRACKING_URI is set)")
     checkpoint_every: int = option(0, "steps between mid-epoch checkpoints (0: at epoch ends and by time only)",
                                    check="non-negative")
     checkpoint_minutes: float = option(30.0, "minutes between time-based checkpoints (0: off)", check="non-negative")
@@ -160,6 +169,7 @@ def check(cfg: TrainConfig) -> None:
                           ("optimizer", OPTIMIZERS)):
         if getattr(cfg, name) not in choices:
             raise UserError(f"unknown {name} {getattr(cfg, name)!r}; choose {' | '.join(choices)}")
+    parse_kinds(cfg.logger)
 
 
 def to_dict(cfg: TrainConfig) -> dict:

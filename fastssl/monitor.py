@@ -73,8 +73,20 @@ class KnnMonitor:
             encoder = self._calibrated(encoder)
         bank = dist.all_gather_uneven(self._features(encoder, "bank"))
         labels = dist.all_gather_uneven(self.mine["bank"].labels.to(self.device))
-        predictions = knn_predict(bank, labels, self._features(encoder, "queries"), self.k, self.t)
-        correct = (predictions == self.mine["queries"].labels.to(self.device)).sum().float()
-        accuracy = 100.0 * dist.all_reduce(correct).item() / len(self.queries)
+        accuracy = self._top1(knn_predict(bank, labels, self._features(encoder, "queries"), self.k, self.t))
         self.seconds += time.perf_counter() - start
         return accuracy
+
+    @torch.no_grad()
+    def classifier_accuracy(self, encoder: nn.Module, head: nn.Module) -> float:
+        """Top-1 (%) of a linear head on the encoder's features of the queries (the online probe's); every rank
+        calls it and gets the same figure."""
+        start = time.perf_counter()
+        accuracy = self._top1(head(self._features(encoder, "queries")).argmax(1))
+        self.seconds += time.perf_counter() - start
+        return accuracy
+
+    def _top1(self, predictions: torch.Tensor) -> float:
+        """The share (%) of this rank's queries predicted right, summed over the ranks."""
+        correct = (predictions == self.mine["queries"].labels.to(self.device)).sum().float()
+        return 100.0 * dist.all_reduce(correct).item() / len(self.queries)

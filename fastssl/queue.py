@@ -23,7 +23,9 @@ class EmbeddingQueue(nn.Module):
         g = torch.Generator().manual_seed(seed)
         self.register_buffer("rows", F.normalize(torch.randn(size, dim, generator=g), dim=1))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+        self.register_buffer("enqueued", torch.zeros((), dtype=torch.long))  # keys ever enqueued (its fill and age)
         self.staged: torch.Tensor | None = None
+        self.batch = 1  # keys per enqueue (the global batch)
 
     def stage(self, keys: torch.Tensor) -> None:
         """Keys to enqueue at the next `commit`."""
@@ -46,3 +48,16 @@ class EmbeddingQueue(nn.Module):
         idx = (self.ptr + torch.arange(n, device=x.device)) % size
         self.rows.index_copy_(0, idx, x)
         self.ptr.copy_((self.ptr + n) % size)
+        self.enqueued += n
+        self.batch = n
+
+    def diagnostics(self) -> dict[str, torch.Tensor]:
+        """queue_fill: the share of rows that are teacher keys (the rest: the random start); queue_age: the steps
+        since the oldest of them was enqueued, the staleness of the anchors against the teacher's momentum."""
+        keys = self.enqueued.clamp(max=len(self)).float()
+        return {"queue_fill": keys / len(self), "queue_age": keys / self.batch}
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a fastssl 0.3 checkpoint has no count: taken as full (its pointer cannot say whether it wrapped)
+        state_dict.setdefault(prefix + "enqueued", self.ptr.new_tensor(len(self)))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

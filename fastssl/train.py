@@ -6,7 +6,6 @@ pipelines; this module holds the order of things and what makes a run survive (c
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
 import json
 import math
@@ -24,9 +23,11 @@ from .config import TrainConfig, check, explicit, resume_config, to_dict
 from .data import is_small
 from .device import autocast, pick_device, pick_precision
 from .errors import UserError
+from .loggers import Logger
 from .models import convolutional
 from .monitor import KnnMonitor, auto_interval
 from .optim import build_optimizer, warmup_cosine
+from .probe import OnlineProbe
 from .pipelines.common import Loader, Shard
 from .stopping import Stops
 from .views import apply_overrides
@@ -47,37 +48,6 @@ def train_step(method, views: dict, opt: torch.optim.Optimizer, amp, progress: f
     opt.step()
     method.after_step()
     return loss.detach(), stats
-
-
-class Logger:
-    """CSV + TensorBoard rows on rank 0. A resumed run first drops the rows logged after its checkpoint."""
-
-    def __init__(self, out: Path, enabled: bool, start_step: int = 0):
-        self.enabled = enabled
-        if enabled:
-            from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(out / "tb", purge_step=start_step or None)
-            self.csv_path = out / "metrics.csv"
-            if start_step and self.csv_path.exists():
-                with open(self.csv_path, newline="") as f:
-                    rows = [r for r in csv.reader(f) if r[0] == "step" or int(r[0]) <= start_step]
-                with open(self.csv_path, "w", newline="") as f:
-                    csv.writer(f).writerows(rows)
-
-    def log(self, step: int, **values: float) -> None:
-        if not self.enabled:
-            return
-        for k, v in values.items():
-            self.tb.add_scalar(k, v, step)
-        new = not self.csv_path.exists()
-        with open(self.csv_path, "a", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["step", "key", "value"]) if new else None
-            w.writerows([step, k, v] for k, v in values.items())
-
-    def close(self):
-        if self.enabled:
-            self.tb.close()
 
 
 @dataclass
@@ -104,6 +74,7 @@ class Run:
     bad_files: list = field(default_factory=list)  # replaced with --skip-bad-images
     saved: Path | None = None  # the newest checkpoint, known good
     logger: Logger | None = None  # metrics.csv and TensorBoard (rank 0)
+    probe: OnlineProbe | None = None  # --online-probe
 
     @property
     def main(self) -> bool:
@@ -113,7 +84,7 @@ class Run:
         return {"config": to_dict(self.cfg), "method": self.method.state_dict(), "optimizer": self.opt.state_dict(),
                 "scheduler": self.sched.state_dict(), "step": self.step, "epoch": self.epoch, "batch": self.batch,
                 "knn_history": self.history, "monitored_at": self.monitored_at, "bad_files": self.bad_files,
-                "rng": checkpoint.rng_state()}
+                "rng": checkpoint.rng_state(), **({"probe": self.probe.state_dict()} if self.probe else {})}
 
     def load_state(self, state: dict) -> None:
         self.method.load_state_dict(state["method"])
@@ -122,6 +93,8 @@ class Run:
         self.step, self.epoch, self.batch = state["step"], state["epoch"], state["batch"]
         self.history, self.monitored_at = state["knn_history"], state["monitored_at"]
         self.bad_files = state["bad_files"]
+        if self.probe and "probe" in state:  # else a probe added on resume starts afresh
+            self.probe.load_state_dict(state["probe"])
         checkpoint.set_rng_state(state["rng"])
 
 
@@ -175,7 +148,7 @@ def setup(cfg: TrainConfig, given: dict | None = None) -> Run:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(warmups[0], total_steps, opts.final_lr_ratio))
     cfg, knn, no_monitor = _knn_monitor(cfg, train_set, size, device, precision, workers)
     run = Run(cfg, Path(cfg.out), device, precision, split, method, loader, opt, sched, knn, steps_per_epoch,
-              total_steps)
+              total_steps, probe=_online_probe(cfg, method, train_set, device))
     if state is not None:
         run.load_state(state)
         run.saved = resumed_from
@@ -183,7 +156,7 @@ def setup(cfg: TrainConfig, given: dict | None = None) -> Run:
         run.out.mkdir(parents=True, exist_ok=True)
         (run.out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
         _banner(run, train_set, size_from, workers, warmups, changes, no_monitor)
-    run.logger = Logger(run.out, run.main, run.step)
+    run.logger = Logger(run.out, cfg.logger, enabled=run.main, start_step=run.step, config=to_dict(cfg))
     return run
 
 
@@ -201,6 +174,17 @@ def resolved_settings(cfg: TrainConfig, given: dict) -> dict:
     size = image_size(cfg, pipelines.load_images(cfg.data, "train"))[0]
     opts = methods.get(cfg.method).Options.resolve(cfg.options, small=is_small(size))
     return to_dict(dataclasses.replace(cfg, image_size=size, options=dataclasses.asdict(opts)))
+
+
+def _online_probe(cfg: TrainConfig, method, train_set, device) -> OnlineProbe | None:
+    """--online-probe's head on the student's encoder (None without it)."""
+    if not cfg.online_probe:
+        return None
+    if not train_set.labelled:
+        raise UserError(f"--online-probe needs labels, and {train_set.root} has none (a folder without class "
+                        f"folders, or a .beton of unlabelled images); drop --online-probe or pass labelled --data")
+    encoder, classes = method.online_encoder(), max(len(train_set.classes), int(train_set.labels.max()) + 1)
+    return OnlineProbe(encoder, encoder.out_dim, classes, cfg.batch_size, device)
 
 
 def _knn_monitor(cfg: TrainConfig, train_set, size: int, device, precision: str, workers: int):
@@ -275,16 +259,29 @@ def save(run: Run, loss_sum: torch.Tensor) -> None:
 
 
 def knn_pass(run: Run, data_bn_stats: bool = False) -> None:
-    """The kNN monitor on the evaluated encoder, recorded in the run's history."""
+    """The kNN monitor on the evaluated encoder, recorded in the run's history; with --online-probe, the probe's
+    top-1 on the same queries (not at the random-init reference point: the probe has not trained yet)."""
     dist.average_batchnorm_statistics(run.method)
-    accuracy = run.knn(run.method.evaluated_encoder(), data_bn_stats=data_bn_stats)
+    values = {"knn_top1": run.knn(run.method.evaluated_encoder(), data_bn_stats=data_bn_stats)}
+    if run.probe and not data_bn_stats:
+        values["probe_top1"] = run.knn.classifier_accuracy(run.method.online_encoder(), run.probe.head)
     epoch = run.epoch + run.batch / run.steps_per_epoch
-    run.history.append((epoch, accuracy))
+    run.history.append((epoch, values["knn_top1"]))
     run.monitored_at = run.step
     with _writing(run, run.out / "metrics.csv"):
-        run.logger.log(run.step, knn_top1=accuracy)
+        run.logger.log(run.step, **values)
     if run.main:
-        tqdm.write(f"epoch {epoch:g}: kNN top-1 {accuracy:.2f}%")
+        probe = f", online probe top-1 {values['probe_top1']:.2f}%" if "probe_top1" in values else ""
+        tqdm.write(f"epoch {epoch:g}: kNN top-1 {values['knn_top1']:.2f}%{probe}")
+
+
+def epoch_end(run: Run) -> None:
+    """The online probe's training top-1 over the epoch, then the kNN pass when one is due."""
+    if run.probe:
+        with _writing(run, run.out / "metrics.csv"):
+            run.logger.log(run.step, probe_train_top1=run.probe.train_accuracy())
+    if knn_due(run):
+        knn_pass(run)
 
 
 def knn_due(run: Run) -> bool:
@@ -330,15 +327,19 @@ class LossWindow:
 
     def log(self, run: Run, bar: tqdm, stats: dict) -> None:
         """The loop's only host sync, every --log-every steps: the window's loss averaged over the ranks, checked
-        for NaN/Inf, shown and logged; then a new window."""
-        mean_loss = dist.all_reduce(self.sum, "mean").item() / self.steps
+        for NaN/Inf, shown and logged with the method's statistics and diagnostics (rank 0's batch; read in the
+        same transfer); then a new window."""
+        values = {"loss": dist.all_reduce(self.sum, "mean") / self.steps,
+                  **stats, **(run.method.diagnostics() if run.main else {})}
+        values = dict(zip(values, torch.stack([v.float() for v in values.values()]).tolist()))
+        mean_loss = values["loss"]
         if not math.isfinite(mean_loss):
             raise _non_finite(run, f"at step {run.step} (mean loss {mean_loss} over the last {self.steps})")
         rate, lr = self.steps * run.cfg.batch_size / (time.perf_counter() - self.start), run.sched.get_last_lr()[0]
         # shown at the bar's next refresh: a refresh here would print a stale count
         bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{rate:.0f}", lr=f"{lr:.3g}", refresh=False)
         with _writing(run, run.out / "metrics.csv"):
-            run.logger.log(run.step, loss=mean_loss, lr=lr, images_per_s=rate, **{k: float(v) for k, v in stats.items()})
+            run.logger.log(run.step, **values, lr=lr, images_per_s=rate)
         self.__init__(self.sum.device)
 
 
@@ -357,9 +358,10 @@ def loop(run: Run) -> dict:
             if stop:
                 break
             if views is None:
-                knn_pass(run) if knn_due(run) else None
+                epoch_end(run)
                 continue
             loss, stats = train_step(run.method, views, run.opt, amp, run.step / run.total_steps)
+            run.probe.step(views["label"], run.step / run.total_steps) if run.probe else None
             run.sched.step()
             run.step, run.batch = run.step + 1, run.batch + 1
             losses.add(loss)

@@ -94,10 +94,11 @@ def test_every_pipeline_trains_in_two_processes_with_the_knn_monitor(pipeline, f
 
 @pytest.mark.parametrize("method", ["isd", "resa", "byol"])  # ressl, mocov2: the invariance test below
 def test_every_method_trains_in_two_processes(method, tmp_path):
-    settings = {**BASE, "method": method, "max_steps": 3}
+    settings = {**BASE, "method": method, "max_steps": 3, "online_probe": True}  # the probe's head under DDP too
     settings = {k: v for k, v in settings.items() if k != "queue_size"} | own(method, queue_size=64)
     run(torchrun(*cli_args(settings), "--out", str(tmp_path)))
     assert summary(tmp_path)["steps"] == 3 and all(map(torch.isfinite, torch.tensor(losses(tmp_path))))
+    assert checkpoint.load(tmp_path / "checkpoint.pt")["probe"]["head"]["1.weight"].isfinite().all()
 
 
 # ---- one process at batch B = two processes at B/2 ----

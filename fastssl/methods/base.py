@@ -14,6 +14,7 @@ from typing import ClassVar
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from ..errors import UserError
@@ -132,11 +133,30 @@ class Method(nn.Module):
         # every encoder() starts as; its first update copies encoder() anyway.
         self.encoder_average = EncoderAverage(backbone, encoder_ema) if encoder_ema else None
         self.queue: EmbeddingQueue | None = None
+        # the last step's student output and the teacher's target for the same images, detached (`diagnostics`)
+        self.last_pair: tuple[torch.Tensor, torch.Tensor] | None = None
         object.__setattr__(self, "_student_call", None)  # set by distribute(); kept out of _modules and state_dict
 
     def step(self, views: dict[str, torch.Tensor], progress: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Forward pass and loss for one batch; `progress` in [0, 1) drives schedules (EMA momentum)."""
         raise NotImplementedError
+
+    @torch.no_grad()
+    def diagnostics(self) -> dict[str, torch.Tensor]:
+        """Health of the last step's embeddings on this rank's batch, as device scalars (the loop reads them with the
+        loss, in one transfer, at the log step): embedding_std, the per-dimension std of the L2-normalised student
+        embeddings x sqrt(dim) (1: spread evenly; towards 0: collapse); effective_rank, RankMe's exp(entropy) of
+        their singular values (Garrido et al., ICML 2023); agreement, the mean cosine of the student's output and
+        the teacher's target for the same images; the queue's fill and age."""
+        if self.last_pair is None:
+            return {}
+        student, teacher = (F.normalize(t.float(), dim=1) for t in self.last_pair)
+        singular = torch.linalg.svdvals(student)
+        p = singular / singular.sum() + 1e-12
+        stats = {"embedding_std": student.std(0).mean() * student.shape[1] ** 0.5,
+                 "effective_rank": torch.exp(-(p * p.log()).sum()),
+                 "agreement": (student * teacher).sum(1).mean()}
+        return {**stats, **(self.queue.diagnostics() if self.queue is not None else {})}
 
     def student_forward(self, *xs: torch.Tensor) -> list:
         """The student on each view, in one call (through DDP under torchrun)."""
@@ -149,9 +169,13 @@ class Method(nn.Module):
         if self.encoder_average is not None:
             self.encoder_average.update(self.encoder())
 
+    def online_encoder(self) -> nn.Module:
+        """The student's backbone: the one the gradients train (the online probe reads its features)."""
+        return self.student[0]
+
     def encoder(self) -> nn.Module:
         """The method's trained backbone (the student's; ReSA: the momentum encoder)."""
-        return self.student[0]
+        return self.online_encoder()
 
     def evaluated_encoder(self) -> nn.Module:
         """The backbone the kNN monitor evaluates and the run exports: encoder(), or its running average."""

@@ -62,4 +62,5 @@ class BYOL(Method):
         with torch.no_grad():
             z = [self.teacher(v) for v in x]
         p = self.student_forward(*x)  # one forward per view: BN per view
+        self.last_pair = (p[0].detach(), z[1])
         return byol_loss(p[0], z[1]) + byol_loss(p[1], z[0]), {}

@@ -78,4 +78,5 @@ class ISD(Method):
         (q,) = self.student_forward(views["strong"])
         loss = relational_loss(F.normalize(q.float(), dim=1), k, self.queue.rows, self.opts.tau_s, self.opts.tau_t)
         self.queue.stage(k)  # enqueued after the optimiser step: a sample is never its own anchor
+        self.last_pair = (q.detach(), k)
         return loss, {}

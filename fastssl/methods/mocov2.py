@@ -67,6 +67,7 @@ class MoCoV2(Method):
         (q,) = self.student_forward(views["view1"])
         loss = infonce_loss(q, k, self.queue.rows, self.opts.tau_s)
         self.queue.stage(F.normalize(k.float(), dim=1))  # after the optimiser step: not this batch's own negatives
+        self.last_pair = (q.detach(), k)
         return loss, {}
 
     def get_extra_state(self) -> dict:

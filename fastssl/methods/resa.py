@@ -77,6 +77,9 @@ class ReSA(Method):
         momentum_net = nn.Sequential(copy.deepcopy(backbone), copy.deepcopy(projector))  # encoder + projector
         self.teacher = momentum_net.requires_grad_(False)
 
+    def online_encoder(self):
+        return self.student.encoder
+
     def encoder(self):
         return self.teacher[0]  # the momentum encoder is the one evaluated
 
@@ -95,4 +98,6 @@ class ReSA(Method):
                                  all_reduce=dist.all_reduce)
         z = [p for _, p in online]
         tau = self.opts.tau_s
+        mine = slice(dist.rank() * len(z[0]), (dist.rank() + 1) * len(z[0]))  # this rank's rows of the gathered batch
+        self.last_pair = (z[0].detach(), zm[1][mine])
         return (soft_cross_entropy(target, z[0], zm[1], tau) + soft_cross_entropy(target, z[1], zm[0], tau)) / 2, {}

@@ -83,4 +83,5 @@ class ReSSL(Method):
         q = torch.stack(qs) if len(qs) > 1 else qs[0]  # [C,B,D]: the kernel streams the teacher once for all
         loss = relational_loss(q, k, self.queue.rows, self.opts.tau_s, self.opts.tau_t)
         self.queue.stage(k)  # enqueued after the optimiser step: a sample is never its own anchor
+        self.last_pair = (qs[0].detach(), k)
         return loss, {}
