@@ -3,6 +3,7 @@ becomes one line on stderr and exit status 2; a run stopped by a signal (with it
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import sys
@@ -13,9 +14,9 @@ from typing import Optional
 import typer
 import yaml
 
-from . import methods
-from .config import FIELDS, KNN_K, KNN_T, from_saved, load_file, merge
+from .config import FIELDS, KNN_K, KNN_T, load_file, merge
 from .errors import EXIT_STOPPED, Stopped, UserError
+from .evaluate import PROTOCOLS
 from .methods import METHODS
 from .options import TYPES, optional, type_name
 
@@ -95,78 +96,169 @@ _train.__signature__ = _train_signature()
 app.command("train", help="Pretrain an encoder. Example: fastssl train --data fashion-mnist --epochs 20")(_train)
 
 
-def _load_encoder(checkpoint_path: Path, device_name: str):
-    from . import checkpoint
-    from .device import pick_device
-    state = checkpoint.load(checkpoint_path)
-    if not isinstance(state, dict) or "config" not in state:
-        raise UserError(f"{checkpoint_path} is not a fastssl training checkpoint (no config); pass the run's "
-                        f"checkpoint.pt")
-    cfg, method = methods.build(from_saved(state["config"]))  # BN groups only matter in training
-    method.load_state_dict(state["method"])
-    device = pick_device(device_name)
-    return cfg, method.evaluated_encoder().to(device), device
-
-
-def _eval_features(checkpoint_path: Path, data: Optional[str], data_val: str, device: str, workers: int,
-                   precision: str):
-    """Features and labels of the bank (train split) and the queries (evaluation split) of labelled data."""
-    from . import pipelines
-    from .device import pick_precision
-    from .evaluate import extract_features
-    cfg, encoder, dev = _load_encoder(checkpoint_path, device)
-    data = data or cfg.data
-    bank = pipelines.load_images(data, "train")
-    queries, why = pipelines.eval_split(data, data_val)
-    if not bank.labelled or queries is None or not queries.labelled:
-        raise UserError(f"fastssl eval needs labelled data: a train split (the bank or training set) and a val or "
-                        f"test split (the queries); {data} has {'no labels' if not bank.labelled else why}; pass "
-                        f"--data (and --data-val) naming labelled splits")
-
-    def features(images):
-        batches = pipelines.eval_reader(cfg.pipeline, images, cfg.image_size, batch_size=512, workers=workers)
-        return extract_features(encoder, batches, images.mean_std, dev, precision=pick_precision(precision, dev),
-                                channels_last=cfg.channels_last)
-
-    return features(bank), bank.labels, features(queries), queries.labels, data
-
-
-_CKPT = typer.Option(..., "--checkpoint", help="a run's checkpoint.pt")
+_WEIGHTS_HELP = ("the encoder: a run's checkpoint.pt (or checkpoint-prev.pt), or plain weights with --arch and --data: "
+                 "a run's backbone.pt, a torchvision or timm ResNet or ViT state_dict (.pt, .pth, .safetensors)")
+_WEIGHTS = typer.Option(..., "--weights", "--checkpoint", help=_WEIGHTS_HELP)
+_ARCH = typer.Option(None, help="what plain weights are, as `fastssl train --arch`: r18, r50, r18-w16, vit-s16, ... "
+                                "(a checkpoint knows its own)")
+_IMAGE_SIZE = typer.Option(None, help="input side in pixels (default: the run's, else the data's: its own side up "
+                                      "to 64 px, else 224)")
+_PIPELINE = typer.Option(None, help="whose readers decode the images: torch | tensor | dali | ffcv | nvjpeg "
+                                    "(default: the run's, else torch)")
 _DATA = typer.Option(None, help="labelled data (default: the run's --data); train split = bank/training set, "
                                 "val or test split = queries")
 _DATA_VAL = typer.Option("", help="the query split, when not beside --data")
 
 
+def _frozen(weights: Path, arch, image_size, data, pipeline, device: str, precision: str, workers: int):
+    from .weights import load
+    return load(weights, arch=arch, data=data, image_size=image_size, pipeline=pipeline, device=device,
+                precision=precision, workers=workers)
+
+
+def _queries(frozen, data_val: str):
+    """The evaluation split (queries, test set) of the frozen encoder's data; both splits labelled, or UserError."""
+    from . import pipelines
+    queries, why = pipelines.eval_split(frozen.data, data_val)
+    if not frozen.images.labelled or queries is None or not queries.labelled:
+        raise UserError(f"fastssl eval needs labelled data: a train split (the bank or training set) and a val or "
+                        f"test split (the queries); {frozen.data} has "
+                        f"{'no labels' if not frozen.images.labelled else why}; pass --data (and --data-val) naming "
+                        f"labelled splits")
+    return queries
+
+
+def _log(frozen, **values: float) -> None:
+    """The results of a run's checkpoint on the run's data, into the run's metrics.csv and TensorBoard at the
+    checkpoint's step."""
+    if frozen.run_dir is None:
+        return
+    from .loggers import Logger
+    keys = {f"eval/{k}": v for k, v in values.items()}
+    try:
+        with contextlib.closing(Logger(frozen.run_dir, "tensorboard,csv", purge=False)) as logger:
+            logger.log(frozen.step, **keys)
+    except OSError as e:  # a run folder we may read but not write: the result above stands
+        print(f"warning: cannot log to {frozen.run_dir} ({e.strerror or e})", file=sys.stderr)
+        return
+    print(f"logged {', '.join(keys)} at step {frozen.step} in {frozen.run_dir / 'metrics.csv'} and tb/",
+          file=sys.stderr)
+
+
 @eval_app.command("knn", help="Weighted kNN top-1 (InstDisc: cosine, votes exp(sim/T)) of the frozen encoder.")
-def eval_knn(checkpoint: Path = _CKPT, data: Optional[str] = _DATA, data_val: str = _DATA_VAL,
+def eval_knn(weights: Path = _WEIGHTS, data: Optional[str] = _DATA, data_val: str = _DATA_VAL,
              k: int = typer.Option(KNN_K, help="neighbours"), t: float = typer.Option(KNN_T, help="temperature"),
+             arch: Optional[str] = _ARCH, image_size: Optional[int] = _IMAGE_SIZE, pipeline: Optional[str] = _PIPELINE,
              device: str = "auto", workers: int = 2, precision: str = "auto"):
     from .evaluate import knn_accuracy
-    train_f, train_y, test_f, test_y, data = _eval_features(checkpoint, data, data_val, device, workers, precision)
-    print(f"kNN top-1 (k={k}, T={t}) on {data}: {knn_accuracy(train_f, train_y, test_f, test_y, k, t):.2f}%")
+    frozen = _frozen(weights, arch, image_size, data, pipeline, device, precision, workers)
+    queries = _queries(frozen, data_val)
+    top1 = knn_accuracy(frozen.features(frozen.images), frozen.images.labels, frozen.features(queries),
+                        queries.labels, k, t)
+    print(f"kNN top-1 (k={k}, T={t}) on {frozen.data}: {top1:.2f}%")
+    _log(frozen, knn_top1=top1)
 
 
-@eval_app.command("linear", help="Linear probe on frozen, L2-normalised and standardised features.")
-def eval_linear(checkpoint: Path = _CKPT, data: Optional[str] = _DATA, data_val: str = _DATA_VAL,
-                epochs: int = typer.Option(100, help="probe epochs over the cached features"),
-                lr: float = typer.Option(0.1, help="probe SGD learning rate"), device: str = "auto",
-                workers: int = 2, precision: str = "auto"):
-    from .evaluate import linear_probe
-    train_f, train_y, test_f, test_y, data = _eval_features(checkpoint, data, data_val, device, workers, precision)
-    print(f"linear probe top-1 on {data}: {linear_probe(train_f, train_y, test_f, test_y, epochs=epochs, lr=lr):.2f}%")
+def _settings(p, epochs: int, batch_size: int, lr: float) -> str:
+    per = " per 256 images" if p.optimizer == "SGD" else ""
+    return f"{epochs} epochs, batch {batch_size}, {p.optimizer} lr {lr:g}{per}"
+
+
+def _linear_help() -> str:
+    lines = [f"{name}{' (default)' if name == 'frozen-aug' else ''}: {_settings(p, p.epochs, p.batch_size, p.lr)}, "
+             f"weight decay {p.weight_decay:g}. {p.source}." for name, p in PROTOCOLS.items()]
+    return "\n\n".join(["Linear evaluation of the frozen encoder by a paper's protocol (--protocol): top-1, and top-5 "
+                         "with more than 5 classes.", *lines])
+
+
+@eval_app.command("linear", help=_linear_help())
+def eval_linear(weights: Path = _WEIGHTS, data: Optional[str] = _DATA, data_val: str = _DATA_VAL,
+                protocol: str = typer.Option("frozen-aug", help=" | ".join(PROTOCOLS) + " (described above)"),
+                epochs: Optional[int] = typer.Option(None, min=1, help="classifier epochs (default: the protocol's)"),
+                lr: Optional[float] = typer.Option(None, help="learning rate, SGD's per 256 images (x batch/256), "
+                                                              "Adam's as is (default: the protocol's)"),
+                batch_size: Optional[int] = typer.Option(None, min=1, help="default: the protocol's"),
+                train_subset: int = typer.Option(0, min=0, help="train the classifier on a fixed random subset of "
+                                                                "this many training images (0: all)"),
+                seed: int = typer.Option(0, help="the classifier's initialisation, order and crops"),
+                arch: Optional[str] = _ARCH, image_size: Optional[int] = _IMAGE_SIZE,
+                pipeline: Optional[str] = _PIPELINE, device: str = "auto", workers: int = 2, precision: str = "auto"):
+    from .evaluate import linear_on_features, linear_on_views
+    if protocol not in PROTOCOLS:
+        raise UserError(f"unknown protocol {protocol!r}; choose {' | '.join(PROTOCOLS)}")
+    p = PROTOCOLS[protocol]
+    chosen = dict(epochs=epochs or p.epochs, lr=p.lr if lr is None else lr, batch_size=batch_size or p.batch_size,
+                  seed=seed)
+    frozen = _frozen(weights, arch, image_size, data, pipeline, device, precision, workers)
+    queries = _queries(frozen, data_val)
+    train_set, test_x = frozen.images.subset(train_subset, seed), frozen.features(queries)
+    if p.features == "views":
+        scores = linear_on_views(p, frozen.encoder, frozen.augmented(train_set, chosen["batch_size"], seed), test_x,
+                                 queries.labels, frozen.device, frozen.precision, **chosen)
+    else:
+        scores = linear_on_features(p, frozen.features(train_set), train_set.labels, test_x, queries.labels, **chosen)
+    shown = f"({protocol}: {_settings(p, chosen['epochs'], chosen['batch_size'], chosen['lr'])}) on {frozen.data}"
+    for name, value in sorted(scores.items(), reverse=True):  # top-1 last, as the kNN line: one figure per line
+        print(f"linear probe {name[:3]}-{name[3:]} {shown}, {len(train_set)} training images: {value:.2f}%")
+    _log(frozen, **{f"{protocol.replace('-', '_')}_{name}": value for name, value in scores.items()})
 
 
 @eval_app.command("cluster", help="k-means on the frozen, L2-normalised features of the query split against its "
                                   "classes: NMI, ARI and cluster accuracy (Hungarian matching).")
-def eval_cluster(checkpoint: Path = _CKPT, data: Optional[str] = _DATA, data_val: str = _DATA_VAL,
+def eval_cluster(weights: Path = _WEIGHTS, data: Optional[str] = _DATA, data_val: str = _DATA_VAL,
                  k: Optional[int] = typer.Option(None, help="clusters (default: the number of classes)"),
-                 seed: int = typer.Option(0, help="k-means seed"), device: str = "auto", workers: int = 2,
-                 precision: str = "auto"):
+                 seed: int = typer.Option(0, help="k-means seed"), arch: Optional[str] = _ARCH,
+                 image_size: Optional[int] = _IMAGE_SIZE, pipeline: Optional[str] = _PIPELINE, device: str = "auto",
+                 workers: int = 2, precision: str = "auto"):
     from .evaluate import cluster_scores
-    _, _, test_f, test_y, data = _eval_features(checkpoint, data, data_val, device, workers, precision)
-    s = cluster_scores(test_f, test_y, k, seed)
-    print(f"k-means (k={s['k']}) on the query split (val/test) of {data}, {len(test_y)} images: NMI {s['nmi']:.4f}, "
-          f"ARI {s['ari']:.4f}, cluster accuracy {100 * s['acc']:.2f}%")
+    frozen = _frozen(weights, arch, image_size, data, pipeline, device, precision, workers)
+    queries = _queries(frozen, data_val)
+    s = cluster_scores(frozen.features(queries), queries.labels, k, seed)
+    print(f"k-means (k={s['k']}) on the query split (val/test) of {frozen.data}, {len(queries)} images: NMI "
+          f"{s['nmi']:.4f}, ARI {s['ari']:.4f}, cluster accuracy {100 * s['acc']:.2f}%")
+    _log(frozen, cluster_nmi=s["nmi"], cluster_ari=s["ari"], cluster_acc=100 * s["acc"])
+
+
+@app.command("export", help="Write a run's encoder as a state_dict under torchvision's names (as backbone.pt): FILE.pt "
+                             "(torch) or FILE.safetensors. Example: fastssl export runs/x/checkpoint.pt --to r18.pt")
+def export_command(checkpoint: Path = typer.Argument(..., help="a run's checkpoint.pt or checkpoint-prev.pt"),
+                   to: Path = typer.Option(..., help="the file to write: .pt or .safetensors"),
+                   encoder_ema: bool = typer.Option(False, help="the encoder's running average (a run trained with "
+                                                                "--encoder-ema) instead of the encoder (ReSA: its "
+                                                                "momentum encoder)")):
+    from .weights import export
+    cfg, tensors = export(checkpoint, to, encoder_ema)
+    print(f"{to}: {tensors} tensors, the {'running average of the ' if encoder_ema else ''}encoder of {checkpoint} "
+          f"({cfg.arch} at {cfg.image_size} px); evaluate it with `fastssl eval knn --weights {to} --arch {cfg.arch} "
+          f"--image-size {cfg.image_size} --data {cfg.data}`")
+
+
+@app.command("embed", help="Features of every image of a split, in order: OUT (.npy, N x D float32) and beside it "
+                            "OUT's stem .labels.npy (int64, -1 when unlabelled) and .files.txt (each row's image "
+                            "file, or ROOT#INDEX for sets held in memory). Example: fastssl embed "
+                            "runs/x/checkpoint.pt --out feats.npy --split val")
+def embed_command(weights: Path = typer.Argument(..., help=_WEIGHTS_HELP),
+                  out: Path = typer.Option(..., help="the features' .npy file"),
+                  data: Optional[str] = typer.Option(None, help="the images (default: the run's)"),
+                  split: str = typer.Option("train", help="train | val (the evaluation split: val/ or test/)"),
+                  arch: Optional[str] = _ARCH, image_size: Optional[int] = _IMAGE_SIZE,
+                  pipeline: Optional[str] = _PIPELINE, device: str = "auto", workers: int = 2, precision: str = "auto"):
+    import numpy as np
+
+    from . import pipelines
+    if out.suffix != ".npy" or split not in ("train", "val"):
+        raise UserError(f"--out {out} --split {split}: write a .npy file (the labels and file names go beside it) of "
+                        f"the train or the val split")
+    frozen = _frozen(weights, arch, image_size, data, pipeline, device, precision, workers)
+    images = frozen.images if split == "train" else pipelines.load_images(frozen.data, "test")
+    features = frozen.features(images).cpu().numpy()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.save(out, features)
+    np.save(out.with_name(f"{out.stem}.labels.npy"), images.labels.numpy().astype(np.int64))
+    files = images.files if images.files is not None else [f"{images.root}#{i}" for i in range(len(images))]
+    out.with_name(f"{out.stem}.files.txt").write_text("".join(f"{f}\n" for f in files))
+    print(f"{out}: {features.shape[0]} x {features.shape[1]} features of the {split} split of {frozen.data}; "
+          f"{out.stem}.labels.npy and {out.stem}.files.txt beside it")
 
 
 @app.command("convert", help="Write a data set as an FFCV .beton for --pipeline ffcv, leaving out and listing bad "

@@ -1,5 +1,5 @@
-"""Frozen-encoder evaluation: feature extraction, weighted kNN (InstDisc style), a linear probe and clustering
-quality (k-means against the classes: NMI, ARI, cluster accuracy).
+"""Frozen-encoder evaluation: feature extraction, weighted kNN (InstDisc style), linear evaluation by the papers'
+protocols (PROTOCOLS) and clustering quality (k-means against the classes: NMI, ARI, cluster accuracy).
 
 Functions of tensors and of batches of images: where the batches come from (a pipeline's evaluation reader)
 is the caller's business.
@@ -8,7 +8,9 @@ is the caller's business.
 from __future__ import annotations
 
 import copy
-from typing import Iterable
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable
 
 import torch
 import torch.nn as nn
@@ -76,34 +78,117 @@ def knn_accuracy(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.T
     return 100.0 * (predictions == query_labels.to(predictions.device)).sum().item() / len(queries)
 
 
-def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor, *,
-                 epochs: int = 100, batch_size: int = 1024, lr: float = 0.1, weight_decay: float = 1e-5,
-                 seed: int = 0) -> float:
-    """Top-1 (%) of a linear classifier on frozen features: L2-normalised then standardised (ISD protocol),
-    SGD with momentum and a cosine schedule. Features are computed once, without augmentation."""
-    g = torch.Generator().manual_seed(seed)
-    train_x, test_x = F.normalize(train_x, dim=1), F.normalize(test_x, dim=1)
-    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
-    train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
-    n_classes = int(train_y.max()) + 1
+@dataclass(frozen=True)
+class Protocol:
+    """A linear evaluation: a linear classifier trained on the frozen encoder's features, as a paper trains it.
+    --epochs, --lr and --batch-size override the defaults here."""
+
+    features: str  # views: random resized crops re-encoded every epoch | raw: cached | standardised: cached, L2-normed
+    epochs: int
+    lr: float  # SGD's per 256 images (x batch/256, as the trainer's); Adam's as it is
+    batch_size: int
+    weight_decay: float
+    optimizer: str  # SGD (momentum 0.9) | Adam
+    schedule: str  # lr_factor's: steps | exponential | cosine
+    source: str
+
+
+PROTOCOLS = {
+    "frozen-aug": Protocol(
+        "views", 100, 30.0, 256, 0.0, "SGD", "steps",
+        "ReSSL (NeurIPS 2021) §4 Evaluation Protocol, as MoCo's ImageNet protocol: average-pooled features of random "
+        "resized crops and flips, new every epoch; lr x0.1 at 60% and 80% of the epochs; the centre crop at test"),
+    "frozen-features": Protocol(
+        "raw", 500, 1e-2, 1000, 5e-6, "Adam", "exponential",
+        "ReSA (ICML 2025), the W-MSE (Ermolov et al., ICML 2021) / INTL protocol (W-MSE's eval/sgd.py): cached raw "
+        "features of the unaugmented images; lr decayed exponentially to 1e-4 of it"),
+    "quick": Protocol(
+        "standardised", 100, 0.025, 1024, 1e-5, "SGD", "cosine",
+        "ISD (Tejankar et al., ICCV 2021), its linear evaluation code: cached features of the unaugmented images, "
+        "L2-normalised then standardised; a cosine schedule"),
+}
+EXPONENTIAL_END = 1e-4  # frozen-features: the last epoch's lr / the first's (W-MSE: 1e-2 -> 1e-6)
+
+
+def lr_factor(schedule: str, epoch: float, epochs: int) -> float:
+    """The lr multiplier at `epoch` (fractional: steps / steps per epoch): cosine per step, the others per epoch."""
+    if schedule == "cosine":
+        return (1 + math.cos(math.pi * epoch / epochs)) / 2
+    done = math.floor(epoch)
+    if schedule == "exponential":
+        return EXPONENTIAL_END ** (done / epochs)
+    return 0.1 ** sum(done >= m * epochs for m in (0.6, 0.8))  # steps: epochs 60 and 80 of 100
+
+
+def n_classes(*labels: torch.Tensor) -> int:
+    return max(int(y.max()) for y in labels) + 1
+
+
+def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Top-1 (%) and, with more than 5 classes, top-5 (%)."""
+    ks = (1, 5) if logits.shape[1] > 5 else (1,)
+    hits = logits.topk(max(ks), dim=1).indices.cpu() == labels.cpu()[:, None]
+    return {f"top{k}": 100.0 * hits[:, :k].any(1).float().mean().item() for k in ks}
+
+
+def train_linear(p: Protocol, batches: Callable[[int], Iterable], steps_per_epoch: int, test_x: torch.Tensor,
+                 test_y: torch.Tensor, classes: int, *, epochs: int, lr: float, batch_size: int, seed: int = 0
+                 ) -> dict[str, float]:
+    """Top-1/top-5 on (test_x, test_y) of a linear classifier (fp32) trained by protocol `p` on the (features,
+    labels) that `batches(epoch)` yields, `steps_per_epoch` of them."""
     torch.manual_seed(seed)
-    clf = nn.Linear(train_x.shape[1], n_classes).to(train_x.device)
-    opt = torch.optim.SGD(clf.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
-    steps = epochs * max(1, len(train_x) // batch_size)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    train_y = train_y.to(train_x.device)
-    for _ in range(epochs):
-        perm = torch.randperm(len(train_x), generator=g).to(train_x.device)
-        for i in range(0, max(1, len(train_x) // batch_size) * batch_size, batch_size):
-            idx = perm[i:i + batch_size]
-            loss = F.cross_entropy(clf(train_x[idx]), train_y[idx])
+    clf = nn.Linear(test_x.shape[1], classes).to(test_x.device)
+    if p.optimizer == "SGD":
+        opt = torch.optim.SGD(clf.parameters(), lr * batch_size / 256, momentum=0.9, weight_decay=p.weight_decay)
+    else:
+        opt = torch.optim.Adam(clf.parameters(), lr, weight_decay=p.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(p.schedule, step / steps_per_epoch, epochs))
+    for epoch in range(epochs):
+        for x, y in batches(epoch):
+            loss = F.cross_entropy(clf(x), y.to(x.device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
     with torch.no_grad():
-        pred = clf(test_x).argmax(1).cpu()
-    return 100.0 * (pred == test_y.cpu()).float().mean().item()
+        return topk_accuracy(clf(test_x), test_y)
+
+
+def linear_on_features(p: Protocol, train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
+                       test_y: torch.Tensor, *, epochs: int, lr: float, batch_size: int, seed: int = 0
+                       ) -> dict[str, float]:
+    """Protocol `p` on cached features of the unaugmented images ("raw" or "standardised": L2-normalised, then
+    each dimension standardised by the training features' mean and std)."""
+    if p.features == "standardised":
+        train_x, test_x = F.normalize(train_x, dim=1), F.normalize(test_x, dim=1)
+        mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+        train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
+    g, train_y = torch.Generator().manual_seed(seed), train_y.to(train_x.device)
+
+    def batches(epoch: int):
+        order = torch.randperm(len(train_x), generator=g).to(train_x.device)
+        return ((train_x[idx], train_y[idx]) for idx in order.split(batch_size))
+
+    return train_linear(p, batches, math.ceil(len(train_x) / batch_size), test_x, test_y,
+                        n_classes(train_y, test_y), epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
+
+
+def linear_on_views(p: Protocol, encoder: nn.Module, loader, test_x: torch.Tensor, test_y: torch.Tensor,
+                    device: torch.device, precision: str, *, epochs: int, lr: float, batch_size: int, seed: int = 0
+                    ) -> dict[str, float]:
+    """Protocol `p` on augmented views: each epoch the loader's (a pipeline's Loader) {"weak": views, "label":
+    labels} batches go through the frozen encoder (eval mode, no gradient, autocast at `precision`); the classifier
+    trains in fp32."""
+    encoder.eval()
+
+    def batches(epoch: int):
+        for views in loader.epoch(epoch):
+            with torch.no_grad(), autocast(precision, device):
+                features = encoder(views["weak"])
+            yield features.float(), views["label"]
+
+    return train_linear(p, batches, len(loader), test_x, test_y, n_classes(loader.images.labels, test_y),
+                        epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
 
 
 KMEANS_INITS = 10  # k-means++ restarts, fixed (scikit-learn's "auto" would pick 1): the best of 10 by inertia

@@ -88,9 +88,9 @@ def test_a_vit_run_evaluates_from_its_checkpoint(tmp_path, fashion_folder, capsy
                    optimizer="adamw", lr=5e-4, weight_decay=0.1, out=str(out)))
     assert json.loads((out / "config.json").read_text())["channels_last"] is False  # not for a ViT
     for kind in ("knn", "linear", "cluster"):
+        linear = ["--epochs", "5", "--protocol", "quick"] if kind == "linear" else []
         monkeypatch.setattr(sys, "argv", ["fastssl", "eval", kind, "--checkpoint", str(out / "checkpoint.pt"),
-                                          "--device", "cpu", "--workers", "0"] + (["--epochs", "5"] if kind ==
-                                                                                  "linear" else []))
+                                          "--device", "cpu", "--workers", "0", *linear])
         with pytest.raises(SystemExit) as done:
             cli.main()
         assert done.value.code in (0, None), capsys.readouterr().err

@@ -108,7 +108,7 @@ def test_a_short_run_learns_and_evaluates(tmp_path, capsys, monkeypatch):
     knn = float(capsys.readouterr().out.split(":")[-1].strip().rstrip("%"))
     assert knn > random_init + 5
     run_cli(monkeypatch, "eval", "linear", "--checkpoint", str(tmp_path / "checkpoint.pt"), "--device", "cpu",
-            "--epochs", "5")
+            "--epochs", "5", "--protocol", "quick")
     assert float(capsys.readouterr().out.split(":")[-1].strip().rstrip("%")) > 60  # chance: 10
 
 
