@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -78,11 +79,11 @@ class KnnMonitor:
         return accuracy
 
     @torch.no_grad()
-    def classifier_accuracy(self, encoder: nn.Module, head: nn.Module) -> float:
-        """Top-1 (%) of a linear head on the encoder's features of the queries (the online probe's); every rank
-        calls it and gets the same figure."""
+    def classifier_accuracy(self, encoder: nn.Module, predict: Callable[[torch.Tensor], torch.Tensor]) -> float:
+        """Top-1 (%) of a classifier of the encoder's features (the online probe's `predict`) on the queries; every
+        rank calls it and gets the same figure."""
         start = time.perf_counter()
-        accuracy = self._top1(head(self._features(encoder, "queries")).argmax(1))
+        accuracy = self._top1(predict(self._features(encoder, "queries")))
         self.seconds += time.perf_counter() - start
         return accuracy
 

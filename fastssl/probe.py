@@ -58,6 +58,16 @@ class OnlineProbe:
         self.correct += (logits.detach().argmax(1) == labels).sum()
         self.seen += len(labels)
 
+    @torch.no_grad()
+    def predict(self, features: torch.Tensor) -> torch.Tensor:
+        """The head's classes of `features`, in evaluation mode: BatchNorm's running statistics, not the batch's,
+        which it leaves as they are."""
+        self.head.eval()
+        try:
+            return self.head(features.float()).argmax(1)
+        finally:
+            self.head.train()
+
     def train_accuracy(self) -> float:
         """Top-1 (%) of the head on the training batches since the last call, over all ranks."""
         correct, seen = dist.all_reduce(torch.stack([self.correct, self.correct.new_tensor(self.seen)])).tolist()

@@ -264,7 +264,7 @@ def knn_pass(run: Run, data_bn_stats: bool = False) -> None:
     dist.average_batchnorm_statistics(run.method)
     values = {"knn_top1": run.knn(run.method.evaluated_encoder(), data_bn_stats=data_bn_stats)}
     if run.probe and not data_bn_stats:
-        values["probe_top1"] = run.knn.classifier_accuracy(run.method.online_encoder(), run.probe.head)
+        values["probe_top1"] = run.knn.classifier_accuracy(run.method.online_encoder(), run.probe.predict)
     epoch = run.epoch + run.batch / run.steps_per_epoch
     run.history.append((epoch, values["knn_top1"]))
     run.monitored_at = run.step

@@ -45,6 +45,11 @@ def test_the_online_probe_learns_from_what_the_encoder_computes_in_training():
     copy.deepcopy(encoder).train()(pixels[:8])
     assert probe.captured == []
     assert accuracy[-1] > max(60.0, accuracy[0]), accuracy  # ten classes: chance is 10%
+    # evaluated with the BatchNorm statistics of training, which an evaluation leaves as they were
+    statistics = [t.clone() for t in probe.head[0].buffers()]
+    predicted = probe.predict(encoder(pixels[:512]))
+    assert all(torch.equal(a, b) for a, b in zip(statistics, probe.head[0].buffers())) and probe.head.training
+    assert torch.equal(predicted, probe.head.eval()(encoder(pixels[:512])).argmax(1))
 
 
 def test_the_online_probe_does_not_change_the_run_and_resumes_exactly(tmp_path):
