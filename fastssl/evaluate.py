@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from .config import KNN_K, KNN_T
 from .device import autocast
+from .optim import cosine
 from .views import normalize
 
 
@@ -115,7 +116,7 @@ EXPONENTIAL_END = 1e-4  # frozen-features: the last epoch's lr / the first's (W-
 def lr_factor(schedule: str, epoch: float, epochs: int) -> float:
     """The lr multiplier at `epoch` (fractional: steps / steps per epoch): cosine per step, the others per epoch."""
     if schedule == "cosine":
-        return (1 + math.cos(math.pi * epoch / epochs)) / 2
+        return cosine(epoch / epochs)
     done = math.floor(epoch)
     if schedule == "exponential":
         return EXPONENTIAL_END ** (done / epochs)

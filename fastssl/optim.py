@@ -37,11 +37,16 @@ def build_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float)
     return Lars(groups, lr=lr, momentum=MOMENTUM, trust_coeff=LARS_TRUST)
 
 
+def cosine(progress: float) -> float:
+    """Half a cosine from 1 (progress 0) to 0 (progress 1 and beyond): the schedules' shape."""
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
 def warmup_cosine(warmup_steps: int, total_steps: int, final_ratio: float):
     """LR multiplier per iteration: linear warm-up, then cosine down to `final_ratio`."""
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
         t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+        return final_ratio + (1 - final_ratio) * cosine(t)
     return factor

@@ -8,7 +8,6 @@ and its backward per step. Its accuracy is counted on the device and read once p
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn as nn
@@ -16,6 +15,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from . import dist
+from .optim import cosine
 
 # SGD with momentum 0.9, no weight decay, per 256 images, cosine over the run (solo-learn's classifier defaults).
 PROBE_LR, PROBE_MOMENTUM = 0.1, 0.9
@@ -48,7 +48,7 @@ class OnlineProbe:
         """One SGD step of the head on the features the step's student forward left, against their labels."""
         features = self.captured.pop().float()
         for group in self.opt.param_groups:
-            group["lr"] = self.lr * (1 + math.cos(math.pi * progress)) / 2
+            group["lr"] = self.lr * cosine(progress)
         logits = self.train_head(features)
         labels = labels.to(logits.device, non_blocking=True)
         loss = F.cross_entropy(logits, labels)

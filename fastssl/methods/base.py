@@ -8,7 +8,6 @@ looks inside: it calls `distribute`, `compile`, `step` and `after_step`.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
@@ -19,6 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..errors import UserError
 from ..models import EncoderAverage
+from ..optim import cosine
 from ..options import check_ranges, check_type
 from ..queue import EmbeddingQueue
 from ..sync_batchnorm import convert_sync_batchnorm
@@ -212,4 +212,4 @@ class Method(nn.Module):
 
 def cosine_momentum(base: float, progress: float) -> float:
     """BYOL's schedule: base at the start, 1 at the end."""
-    return 1 - (1 - base) * (math.cos(math.pi * progress) + 1) / 2
+    return 1 - (1 - base) * cosine(progress)
